@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up sdekit's environment and run a job in it.
+#   ./dev.sh demo    the main job on the embedded default
+#   ./dev.sh test    the test suite (what CI runs)
+# The environment is .venv (or $SDEKIT_VENV). Where it has no torch, the pinned CPU build is installed
+# ($SDEKIT_TORCH, default torch==2.13.0); an existing torch is kept.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+job="${1:-}"
+case "$job" in
+  demo|test) shift ;;
+  *) echo "usage: ./dev.sh demo|test [extra arguments]" >&2; exit 2 ;;
+esac
+
+venv="${SDEKIT_VENV:-.venv}"
+python="${PYTHON:-python3}"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+py="$venv/bin/python"
+
+if ! "$py" -c "import torch" >/dev/null 2>&1; then
+  "$py" -m pip install --quiet "${SDEKIT_TORCH:-torch==2.13.0}"
+fi
+
+# Reinstall only when the packaging changed since the last install.
+stamp="$venv/.sdekit-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$py" -m pip install --quiet -e ".[test]"
+  echo "$want" > "$stamp"
+fi
+
+export HF_HUB_OFFLINE=1
+case "$job" in
+  demo) exec "$venv/bin/sdekit" demo "$@" ;;
+  test) exec "$py" -m pytest -q "$@" ;;
+esac

@@ -1,0 +1,149 @@
+"""Model outputs and model time: the one place that converts between them.
+
+A model sees ``x_t = alpha(t) x_0 + sigma(t) eps`` (``alpha``, ``sigma`` from :meth:`SDE.marginal_coeffs`) and
+returns one of four things (``prediction_type``):
+
+* ``epsilon``: the noise ``eps``;
+* ``sample``: the clean data ``x_0``;
+* ``v_prediction``: ``v = alpha eps - sigma x_0`` (Salimans & Ho, 2022, section 4; diffusers' definition);
+* ``score``: ``grad log p_t(x_t) = -eps / sigma`` (score-SDE; exact for the conditional, the
+  denoising-score-matching target).
+
+Every conversion goes through the pair ``(x_0, eps)``, which the kernel relates by ``x_t = alpha x_0 + sigma eps``.
+For ``v`` the pair solves ``[alpha, sigma; -sigma, alpha] (x_0, eps) = (x_t, v)``, whose determinant is
+``alpha^2 + sigma^2`` (1 for VP, not for VE or sub-VP).
+
+The model's time input (``time_input``):
+
+* ``ddpm``: ``t (N - 1)``, the score-SDE reference code's convention for DDPM checkpoints (``N`` = ``sde.N``);
+* ``sigma``: the kernel std ``sigma(t)``, what NCSN / NCSN++ (VE) models are conditioned on;
+* ``continuous``: ``t`` itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+
+from .sde import SDE, TimeLike, broadcast_time, compute_dtype, time_tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score")
+TIME_INPUTS = ("ddpm", "sigma", "continuous")
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "TIME_INPUTS",
+    "check_choice",
+    "convert_model_output",
+    "from_model_time",
+    "model_output_to",
+    "split_model_output",
+    "to_model_time",
+]
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is in ``choices``; else raise ``ValueError`` naming ``name``, the choices, the closest."""
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.{hint}")
+
+
+def split_model_output(
+    output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(x_0, eps)`` pair that a model output of ``prediction_type`` implies at ``x_t = sample``.
+
+    ``alpha`` and ``sigma`` must broadcast against ``sample``; computation is in their dtype.
+    """
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if output.shape != sample.shape:
+        raise ValueError(
+            f"model output has shape {tuple(output.shape)} but the sample has shape {tuple(sample.shape)}; "
+            "the model must return one value per sample element."
+        )
+    out = output.to(alpha.dtype)
+    x = sample.to(alpha.dtype)
+    if prediction_type == "epsilon":
+        eps = out
+        x0 = (x - sigma * eps) / alpha
+    elif prediction_type == "sample":
+        x0 = out
+        eps = (x - alpha * x0) / sigma
+    elif prediction_type == "score":
+        eps = -sigma * out
+        x0 = (x - sigma * eps) / alpha
+    else:  # v_prediction
+        norm = alpha**2 + sigma**2
+        x0 = (alpha * x - sigma * out) / norm
+        eps = (sigma * x + alpha * out) / norm
+    return x0, eps
+
+
+def convert_model_output(
+    output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    from_type: str,
+    to_type: str,
+) -> torch.Tensor:
+    """Convert a model output from ``from_type`` to ``to_type`` at ``x_t = sample`` (dtype of ``alpha``)."""
+    check_choice("to_type", to_type, PREDICTION_TYPES)
+    if from_type == to_type and output.shape == sample.shape:
+        return output.to(alpha.dtype)
+    x0, eps = split_model_output(output, sample, alpha, sigma, from_type)
+    if to_type == "epsilon":
+        return eps
+    if to_type == "sample":
+        return x0
+    if to_type == "score":
+        return -eps / sigma
+    return alpha * eps - sigma * x0
+
+
+def model_output_to(
+    sde: SDE, output: torch.Tensor, sample: torch.Tensor, t: TimeLike, from_type: str, to_type: str
+) -> torch.Tensor:
+    """:func:`convert_model_output` with ``alpha`` and ``sigma`` from ``sde`` at ``t``; returns ``sample``'s dtype."""
+    tt = broadcast_time(t, sample)
+    alpha, sigma = sde.marginal_coeffs(tt)
+    return convert_model_output(output, sample, alpha, sigma, from_type, to_type).to(sample.dtype)
+
+
+def to_model_time(sde: SDE, t: TimeLike, time_input: str) -> torch.Tensor:
+    """The model's timestep input for continuous time ``t`` under the ``time_input`` convention."""
+    check_choice("time_input", time_input, TIME_INPUTS)
+    t = time_tensor(t)
+    if time_input == "ddpm":
+        return t * (sde.N - 1)
+    if time_input == "sigma":
+        return sde.marginal_coeffs(t.to(compute_dtype(t.dtype)))[1]
+    return t
+
+
+def from_model_time(sde: SDE, timestep: TimeLike, time_input: str) -> torch.Tensor:
+    """Continuous time ``t`` for a model timestep; inverse of :func:`to_model_time`.
+
+    For ``sigma`` the SDE must provide ``t_from_sigma`` (the VE SDE does).
+    """
+    check_choice("time_input", time_input, TIME_INPUTS)
+    timestep = time_tensor(timestep)
+    if time_input == "ddpm":
+        return timestep / (sde.N - 1)
+    if time_input == "sigma":
+        inverse = getattr(sde, "t_from_sigma", None)
+        if inverse is None:
+            raise ValueError(
+                f"{type(sde).__name__} has no t_from_sigma(), so sigma model times cannot be mapped back to t; "
+                "use time_input='ddpm' or 'continuous' with this SDE."
+            )
+        return inverse(timestep)
+    return timestep

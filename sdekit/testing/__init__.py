@@ -1,0 +1,20 @@
+"""Exact-score oracles and sample-quality metrics, for sdekit's tests and for plugin authors.
+
+A :class:`GaussianMixture` stays a mixture under every affine-Gaussian SDE, so its noisy score is closed form;
+:class:`MixtureScoreModel` serves that score through a ``UNet2DModel``-like interface. A sampler that is right
+gives the mixture back.
+"""
+
+from .metrics import frechet_distance, gaussian_frechet_distance, sliced_wasserstein
+from .mixture import GaussianMixture
+from .oracle import MixtureScoreModel, epsilon_oracle, score_oracle
+
+__all__ = [
+    "GaussianMixture",
+    "MixtureScoreModel",
+    "epsilon_oracle",
+    "frechet_distance",
+    "gaussian_frechet_distance",
+    "score_oracle",
+    "sliced_wasserstein",
+]

@@ -1,0 +1,101 @@
+"""Shared fixtures: the built-in SDEs and a small 2-d mixture with its exact-score oracle."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from sdekit.registry import refresh_plugins  # noqa: E402
+from sdekit.testing import GaussianMixture  # noqa: E402
+from sdekit_sdes import VESDE, VPSDE, SubVPSDE  # noqa: E402
+
+SDE_FACTORIES = {
+    "ve": lambda: VESDE(),
+    "vp": lambda: VPSDE(),
+    "subvp": lambda: SubVPSDE(),
+    "vp-ddpm": lambda: VPSDE(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+}
+
+
+@pytest.fixture(params=list(SDE_FACTORIES))
+def any_sde(request: pytest.FixtureRequest):
+    """Each built-in SDE, plus VP on a discrete DDPM table."""
+    return SDE_FACTORIES[request.param]()
+
+
+@pytest.fixture
+def mixture_2d() -> GaussianMixture:
+    """Three well separated, unequal components in 2-d; one with a full covariance."""
+    covs = torch.tensor(
+        [
+            [[0.09, 0.0], [0.0, 0.09]],
+            [[0.25, 0.15], [0.15, 0.20]],
+            [[0.04, 0.0], [0.0, 0.01]],
+        ]
+    )
+    return GaussianMixture(
+        means=torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]]),
+        covs=covs,
+        weights=torch.tensor([0.5, 0.3, 0.2]),
+    )
+
+
+TESTS = Path(__file__).parent
+PLUGIN_DISTS = (TESTS / "plugin_dist", TESTS / "plugin_dist2")
+PLUGIN_PACKAGES = ("sdekit_testplugins", "sdekit_extra_plugins")
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the pip-installed test plugin distributions (not on ``sys.path`` by itself).
+
+    Installed once per session.
+    """
+    root = tmp_path_factory.mktemp("sdekit-plugin-site")
+    site = root / "site"
+    # Build from copies so that setuptools' build/ and *.egg-info never land in the source tree.
+    sources = [shutil.copytree(dist, root / "src" / dist.name) for dist in PLUGIN_DISTS]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            *map(str, sources),
+        ],
+        check=True,
+    )
+    return site
+
+
+def _forget_plugin_modules() -> None:
+    for module in list(sys.modules):
+        if module.split(".")[0] in PLUGIN_PACKAGES:
+            del sys.modules[module]
+
+
+@pytest.fixture(scope="module")
+def plugins_on_path(plugin_site: Path) -> Iterator[Path]:
+    """The test plugins installed and visible for the duration of one test module."""
+    sys.path.insert(0, str(plugin_site))
+    refresh_plugins()
+    yield plugin_site
+    sys.path.remove(str(plugin_site))
+    _forget_plugin_modules()
+    refresh_plugins()

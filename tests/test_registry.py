@@ -1,0 +1,364 @@
+"""The plugin registry against real installed distributions.
+
+``tests/plugin_dist`` (sdekit-testplugins) and ``tests/plugin_dist2`` (sdekit-extra-plugins) are pip-installed
+into a temporary directory once per session; ``plugins_on_path`` puts that directory on ``sys.path`` for one
+test module and takes it off again afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdekit.registry import (
+    API_VERSION,
+    InvalidPluginError,
+    PluginInfo,
+    PluginWarning,
+    UnknownPluginError,
+    get_sampler_class,
+    get_sde,
+    get_sde_class,
+    list_plugins,
+    load_scheduler,
+    refresh_plugins,
+    validate_plugin,
+)
+from sdekit.sde import SDE
+
+TEST_DIST = "sdekit-testplugins"
+EXTRA_DIST = "sdekit-extra-plugins"
+
+pytestmark = [
+    pytest.mark.usefixtures("plugins_on_path"),
+    pytest.mark.filterwarnings("ignore::sdekit.registry.PluginWarning"),
+]
+
+
+def _by_key(infos: list[PluginInfo]) -> dict[tuple[str, str, str], PluginInfo]:
+    return {(info.kind, info.name, info.distribution): info for info in infos}
+
+
+def test_discovery_lists_builtins_and_test_plugins() -> None:
+    infos = _by_key(list_plugins(refresh=True))
+    sdekit_version = importlib.metadata.version("sdekit")
+    for name in ("ve", "vp", "subvp"):
+        info = infos["sde", name, "sdekit"]
+        assert (info.version, info.status, info.reason) == (sdekit_version, "ok", None)
+    constant = infos["sde", "constant-ve", TEST_DIST]
+    assert constant == PluginInfo(
+        name="constant-ve",
+        kind="sde",
+        distribution=TEST_DIST,
+        version="0.3.1",
+        status="ok",
+        reason=None,
+        entry_point="sdekit_testplugins.sdes:ConstantVESDE",
+        api_version=API_VERSION,
+    )
+    assert constant.qualified_name == "sdekit-testplugins:constant-ve"
+    euler = infos["sampler", "euler-flow", TEST_DIST]
+    assert (euler.status, euler.version) == ("ok", "0.3.1")
+    assert infos["sde", "twin", EXTRA_DIST].version == "1.2.0"
+    statuses = {(kind, name, dist): info.status for (kind, name, dist), info in infos.items() if dist != "sdekit"}
+    assert statuses == {
+        ("sde", "constant-ve", TEST_DIST): "ok",
+        ("sde", "broken-import", TEST_DIST): "import-error",
+        ("sde", "not-an-sde", TEST_DIST): "protocol-error",
+        ("sde", "Bad_Name", TEST_DIST): "bad-name",
+        ("sde", "future-sde", TEST_DIST): "incompatible",
+        ("sde", "vp", TEST_DIST): "shadowed",
+        ("sde", "twin", TEST_DIST): "shadowed",
+        ("sde", "twin", EXTRA_DIST): "ok",
+        ("sampler", "euler-flow", TEST_DIST): "ok",
+        ("sampler", "not-a-scheduler", TEST_DIST): "protocol-error",
+    }
+
+
+def test_list_is_sorted_and_filtered_by_kind() -> None:
+    infos = list_plugins()
+    kinds = [info.kind for info in infos]
+    assert kinds == sorted(kinds, key=["sde", "sampler"].index)
+    sde_names = [info.name for info in infos if info.kind == "sde"]
+    assert sde_names == sorted(sde_names)
+    assert {info.kind for info in list_plugins(kind="sampler")} == {"sampler"}
+    with pytest.raises(ValueError, match="kind must be one of"):
+        list_plugins(kind="sdes")
+
+
+def test_discovery_is_lazy() -> None:
+    refresh_plugins()
+    for module in [m for m in sys.modules if m.split(".")[0] in ("sdekit_testplugins", "sdekit_extra_plugins")]:
+        del sys.modules[module]
+    sde = get_sde("constant-ve")
+    assert type(sde).__module__ == "sdekit_testplugins.sdes"
+    assert "sdekit_testplugins.samplers" not in sys.modules
+    assert "sdekit_testplugins.broken" not in sys.modules
+    assert "sdekit_extra_plugins" not in sys.modules
+
+
+def test_results_are_cached_until_refresh() -> None:
+    list_plugins(refresh=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        list_plugins()
+    assert not [w for w in caught if issubclass(w.category, PluginWarning)]
+    with pytest.warns(PluginWarning, match="broken-import"):
+        list_plugins(refresh=True)
+
+
+def test_broken_plugin_is_reported_and_isolated() -> None:
+    refresh_plugins()
+    with pytest.warns(PluginWarning) as caught:
+        infos = _by_key(list_plugins(kind="sde"))
+    messages = [str(w.message) for w in caught]
+    assert any(
+        "'broken-import'" in m and f"'{TEST_DIST}'" in m and "sdekit_testplugins_missing_dependency" in m
+        for m in messages
+    ), messages
+    broken = infos["sde", "broken-import", TEST_DIST]
+    assert broken.status == "import-error"
+    assert "ModuleNotFoundError" in broken.reason and "sdekit_testplugins_missing_dependency" in broken.reason
+    with pytest.raises(InvalidPluginError, match="broken-import.*ModuleNotFoundError") as excinfo:
+        get_sde("broken-import")
+    assert excinfo.value.status == "import-error"
+
+    # Everything else still works, the test SDE included.
+    sde = get_sde("constant-ve", sigma=2.0)
+    assert isinstance(sde, SDE)
+    x0 = torch.zeros(3, 2)
+    mean, std = sde.marginal_prob(x0, 0.25)
+    torch.testing.assert_close(std, torch.tensor(1.0))
+    torch.testing.assert_close(mean, x0)
+    z = sde.prior_sampling((4, 2), generator=torch.Generator().manual_seed(0))
+    assert z.shape == (4, 2)
+    assert sde.prior_logp(z).shape == (4,)
+    assert type(get_sde("ve")).__name__ == "VESDE"
+    assert get_sampler_class("euler-flow").__name__ == "EulerFlowScheduler"
+
+
+def test_protocol_violations_are_reported() -> None:
+    infos = _by_key(list_plugins(refresh=True))
+    not_sde = infos["sde", "not-an-sde", TEST_DIST]
+    assert not_sde.status == "protocol-error"
+    assert "marginal_prob" in not_sde.reason and "prior_sampling" in not_sde.reason
+    not_scheduler = infos["sampler", "not-a-scheduler", TEST_DIST]
+    assert not_scheduler.status == "protocol-error"
+    assert "SchedulerMixin and ConfigMixin" in not_scheduler.reason
+    with pytest.raises(InvalidPluginError, match="not-a-scheduler"):
+        load_scheduler("not-a-scheduler")
+
+
+def test_validate_plugin() -> None:
+    validate_plugin(type(get_sde("vp")), "sde")
+    validate_plugin(get_sampler_class("euler-flow"), "sampler")
+    with pytest.raises(InvalidPluginError, match="expected a class"):
+        validate_plugin(get_sde("vp"), "sde")
+    with pytest.raises(InvalidPluginError, match="abstract: it does not implement marginal_coeffs"):
+        validate_plugin(SDE, "sde")
+    with pytest.raises(InvalidPluginError, match="not a diffusers scheduler"):
+        validate_plugin(type(get_sde("vp")), "sampler")
+
+    class DeclaresText:
+        sdekit_api_version = "1"
+
+    with pytest.raises(InvalidPluginError, match="must be an int") as excinfo:
+        validate_plugin(DeclaresText, "sde")
+    assert excinfo.value.status == "protocol-error"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        validate_plugin(DeclaresText, "scheduler")
+
+
+def test_invalid_name_is_reported_and_skipped() -> None:
+    refresh_plugins()
+    with pytest.warns(PluginWarning, match=f"'Bad_Name' from distribution '{TEST_DIST}'.*invalid plugin name"):
+        infos = _by_key(list_plugins())
+    bad = infos["sde", "Bad_Name", TEST_DIST]
+    assert (bad.status, bad.api_version) == ("bad-name", None)
+    with pytest.raises(InvalidPluginError, match="invalid plugin name") as excinfo:
+        get_sde("Bad_Name")
+    assert excinfo.value.status == "bad-name"
+
+
+def test_api_version_mismatch_is_reported_and_skipped() -> None:
+    refresh_plugins()
+    expected = (
+        f"'future-sde' from distribution '{TEST_DIST}' 0.3.1: FutureSDE declares sdekit_api_version = 2, "
+        f"but this sdekit supports API version {API_VERSION}"
+    )
+    with pytest.warns(PluginWarning, match=expected):
+        info = _by_key(list_plugins())["sde", "future-sde", TEST_DIST]
+    assert (info.status, info.api_version) == ("incompatible", 2)
+    with pytest.raises(InvalidPluginError, match="sdekit_api_version = 2") as excinfo:
+        get_sde("future-sde")
+    assert excinfo.value.status == "incompatible"
+
+
+def test_duplicate_names_warn_and_follow_the_rule() -> None:
+    refresh_plugins()
+    with pytest.warns(PluginWarning) as caught:
+        vp = get_sde("vp")
+    messages = [str(w.message) for w in caught]
+    assert any(
+        f"'vp' is registered by several distributions: 'sdekit', '{TEST_DIST}'. Using the one from 'sdekit'" in m
+        and f"'{TEST_DIST}:vp'" in m
+        for m in messages
+    ), messages
+    assert any(
+        f"'twin' is registered by several distributions: '{EXTRA_DIST}', '{TEST_DIST}'. "
+        f"Using the one from '{EXTRA_DIST}'" in m
+        for m in messages
+    ), messages
+    # sdekit's built-in wins over any other distribution ...
+    assert type(vp).__module__.startswith("sdekit_sdes")
+    # ... and otherwise the alphabetically first distribution.
+    assert type(get_sde("twin", sigma=1.0)).__name__ == "TwinSDE"
+    # The qualified form selects a specific one; distribution names are compared normalized.
+    assert type(get_sde(f"{TEST_DIST}:vp")).__name__ == "ShadowVPSDE"
+    assert type(get_sde("sdekit_testplugins:twin")).__name__ == "ConstantVESDE"
+    assert get_sde_class("sdekit:vp") is type(vp)
+    infos = _by_key(list_plugins())
+    shadowed = infos["sde", "vp", TEST_DIST]
+    assert shadowed.status == "shadowed"
+    assert "'sdekit'" in shadowed.reason and f"'{TEST_DIST}:vp'" in shadowed.reason
+
+
+def test_same_distribution_seen_twice_is_not_a_duplicate(tmp_path: Path, plugin_site: Path) -> None:
+    # A second copy of sdekit-extra-plugins' metadata further down sys.path.
+    (dist_info,) = plugin_site.glob("sdekit_extra_plugins-*.dist-info")
+    shutil.copytree(dist_info, tmp_path / dist_info.name)
+    sys.path.append(str(tmp_path))
+    try:
+        refresh_plugins()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            infos = list_plugins(kind="sde")
+    finally:
+        sys.path.remove(str(tmp_path))
+        refresh_plugins()
+    twins = [(info.distribution, info.status) for info in infos if info.name == "twin"]
+    assert twins == [(EXTRA_DIST, "ok"), (TEST_DIST, "shadowed")]
+    (twin_warning,) = [str(w.message) for w in caught if "'twin' is registered" in str(w.message)]
+    assert f"several distributions: '{EXTRA_DIST}', '{TEST_DIST}'." in twin_warning
+
+
+def test_refresh_sees_sys_path_changes(plugin_site: Path) -> None:
+    assert type(get_sde("constant-ve")).__name__ == "ConstantVESDE"
+    sys.path.remove(str(plugin_site))
+    try:
+        refresh_plugins()
+        with pytest.raises(UnknownPluginError):
+            get_sde("constant-ve")
+        assert {info.distribution for info in list_plugins()} == {"sdekit"}
+    finally:
+        sys.path.insert(0, str(plugin_site))
+        refresh_plugins()
+    assert type(get_sde("constant-ve")).__name__ == "ConstantVESDE"
+
+
+def test_unknown_name_lists_available_and_closest() -> None:
+    list_plugins(refresh=True)
+    with pytest.raises(UnknownPluginError) as excinfo:
+        get_sde("constant-vee")
+    err = excinfo.value
+    assert isinstance(err, LookupError) and isinstance(err, ValueError)
+    assert err.closest == "constant-ve"
+    assert err.available == ["constant-ve", "subvp", "twin", "ve", "vp"]
+    message = str(err)
+    assert "Unknown SDE plugin 'constant-vee'. Did you mean 'constant-ve'?" in message
+    assert "Available SDE plugins: constant-ve, subvp, twin, ve, vp." in message
+
+    with pytest.raises(UnknownPluginError, match="Did you mean 'euler-flow'") as excinfo:
+        load_scheduler("euler-flo")
+    assert excinfo.value.available == ["euler-flow"]
+    with pytest.raises(UnknownPluginError, match=f"Did you mean '{TEST_DIST}:constant-ve'"):
+        get_sde(f"{TEST_DIST}:constant-vee")
+    with pytest.raises(UnknownPluginError) as excinfo:
+        get_sde("zzzzzz")
+    assert excinfo.value.closest is None and "Did you mean" not in str(excinfo.value)
+
+
+def test_get_sde_parameter_errors() -> None:
+    with pytest.raises(ValueError) as excinfo:
+        get_sde("constant-ve", sigmaa=2.0)
+    assert str(excinfo.value) == (
+        "get_sde('constant-ve') got an unknown parameter 'sigmaa'. Did you mean 'sigma'? "
+        "Accepted parameters: sigma, N, sampling_eps."
+    )
+    # The constructor's own ValueError propagates unchanged.
+    with pytest.raises(ValueError, match=r"^sigma must be a finite number > 0, got -1.0.$"):
+        get_sde("constant-ve", sigma=-1.0)
+    assert get_sde("constant-ve", sigma=3.0, N=10).N == 10
+    with pytest.raises(ValueError) as excinfo:
+        get_sde("twin")
+    assert str(excinfo.value) == (
+        "get_sde('twin'): missing a required argument: 'sigma'. Accepted parameters: sigma, N, sampling_eps."
+    )
+
+
+def test_unreadable_metadata_is_skipped(tmp_path: Path) -> None:
+    dist_info = tmp_path / "sdekit_garbled-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: sdekit-garbled\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[sdekit.sdes]\nthis line has no equals sign\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        refresh_plugins()
+        with pytest.warns(PluginWarning, match="plugins of distribution 'sdekit-garbled': its entry points cannot"):
+            assert type(get_sde("constant-ve")).__name__ == "ConstantVESDE"
+    finally:
+        sys.path.remove(str(tmp_path))
+        refresh_plugins()
+
+
+def test_load_scheduler_without_config() -> None:
+    scheduler = load_scheduler("euler-flow", sigma_max=5.0)
+    assert type(scheduler).__name__ == "EulerFlowScheduler"
+    assert scheduler.config.sigma_max == 5.0 and scheduler.config.sigma_min == 0.01
+    with pytest.raises(ValueError) as excinfo:
+        load_scheduler("euler-flow", sigma_maxx=5.0)
+    assert str(excinfo.value) == (
+        "load_scheduler('euler-flow') got an unknown parameter 'sigma_maxx'. Did you mean 'sigma_max'? "
+        "Accepted parameters: num_train_timesteps, sigma_min, sigma_max."
+    )
+
+
+def test_load_scheduler_with_config_and_overrides() -> None:
+    config = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": 50,
+        "beta_start": 0.0001,
+        "sigma_min": 0.1,
+        "sigma_max": 2.0,
+    }
+    scheduler = load_scheduler("euler-flow", config, sigma_max=3.0)
+    assert (scheduler.config.num_train_timesteps, scheduler.config.sigma_min) == (50, 0.1)
+    assert scheduler.config.sigma_max == 3.0
+    # A FrozenDict and an object with .config work the same way.
+    assert load_scheduler("euler-flow", scheduler.config).config.sigma_max == 3.0
+    assert load_scheduler("euler-flow", scheduler, sigma_min=0.5).config.sigma_min == 0.5
+    # An override the class does not take is an error, even though config keys it does not take are not.
+    with pytest.raises(ValueError, match="unknown parameter 'beta_start'.*Accepted parameters: num_train_timesteps"):
+        load_scheduler("euler-flow", config, beta_start=0.001)
+    with pytest.raises(TypeError, match="config must be None, a mapping"):
+        load_scheduler("euler-flow", 42)
+
+
+def test_loaded_scheduler_samples() -> None:
+    # Data ~ N(0, s^2): the exact epsilon of x = x0 + sigma eps is sigma x / (s^2 + sigma^2); the
+    # probability-flow ODE then carries N(0, s^2 + sigma_max^2) to N(0, s^2).
+    s = 0.5
+    scheduler = load_scheduler("euler-flow", {"sigma_min": 0.002, "sigma_max": 4.0})
+    scheduler.set_timesteps(200)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 1, generator=generator, dtype=torch.float64) * (s**2 + 4.0**2) ** 0.5
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        x = scheduler.step(t * model_input / (s**2 + t**2), t, x).prev_sample
+    assert abs(x.std().item() - s) < 0.03
