@@ -55,13 +55,14 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 def split_model_output(
     output: torch.Tensor,
     sample: torch.Tensor,
-    alpha: torch.Tensor,
-    sigma: torch.Tensor,
+    alpha: torch.Tensor | float,
+    sigma: torch.Tensor | float,
     prediction_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(x_0, eps)`` pair that a model output of ``prediction_type`` implies at ``x_t = sample``.
 
-    ``alpha`` and ``sigma`` must broadcast against ``sample``; computation is in their dtype.
+    ``alpha`` and ``sigma`` are numbers or tensors that broadcast against ``sample``. Computation is in the
+    tensors' dtype, or in ``sample``'s compute dtype for numbers.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if output.shape != sample.shape:
@@ -69,8 +70,9 @@ def split_model_output(
             f"model output has shape {tuple(output.shape)} but the sample has shape {tuple(sample.shape)}; "
             "the model must return one value per sample element."
         )
-    out = output.to(alpha.dtype)
-    x = sample.to(alpha.dtype)
+    dtype = alpha.dtype if torch.is_tensor(alpha) else compute_dtype(sample.dtype)
+    out = output.to(dtype)
+    x = sample.to(dtype)
     if prediction_type == "epsilon":
         eps = out
         x0 = (x - sigma * eps) / alpha
@@ -90,15 +92,16 @@ def split_model_output(
 def convert_model_output(
     output: torch.Tensor,
     sample: torch.Tensor,
-    alpha: torch.Tensor,
-    sigma: torch.Tensor,
+    alpha: torch.Tensor | float,
+    sigma: torch.Tensor | float,
     from_type: str,
     to_type: str,
 ) -> torch.Tensor:
-    """Convert a model output from ``from_type`` to ``to_type`` at ``x_t = sample`` (dtype of ``alpha``)."""
+    """Convert a model output from ``from_type`` to ``to_type`` at ``x_t = sample`` (dtypes as for
+    :func:`split_model_output`)."""
     check_choice("to_type", to_type, PREDICTION_TYPES)
     if from_type == to_type and output.shape == sample.shape:
-        return output.to(alpha.dtype)
+        return output.to(alpha.dtype if torch.is_tensor(alpha) else compute_dtype(sample.dtype))
     x0, eps = split_model_output(output, sample, alpha, sigma, from_type)
     if to_type == "epsilon":
         return eps

@@ -103,8 +103,8 @@ class SDE(abc.ABC):
 
     def __init__(self, N: int, sampling_eps: float) -> None:
         _check_positive_int("N", N)
-        if not (0.0 < sampling_eps < self.T):
-            raise ValueError(f"sampling_eps must lie in (0, {self.T}), got {sampling_eps!r}.")
+        if not (0.0 <= sampling_eps < self.T):
+            raise ValueError(f"sampling_eps must lie in [0, {self.T}), got {sampling_eps!r}.")
         self.N = N
         self.sampling_eps = float(sampling_eps)
 

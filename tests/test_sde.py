@@ -172,7 +172,7 @@ def test_broadcast_time_rejects_wrong_length() -> None:
         (lambda: SubVPSDE(beta_min=-0.1), "beta_min"),
         (lambda: VPSDE(beta_max=float("nan")), "beta_max"),
         (lambda: VPSDE(N=0), "N"),
-        (lambda: VPSDE(sampling_eps=0.0), "sampling_eps"),
+        (lambda: VPSDE(sampling_eps=1.0), "sampling_eps"),
         (lambda: VPSDE(num_train_timesteps=10, beta_schedule="cosine"), "beta_schedule"),
         (lambda: VPSDE(num_train_timesteps=1), "num_train_timesteps"),
         (lambda: VPSDE(beta_start=-1e-4, beta_end=0.02), "beta_start"),

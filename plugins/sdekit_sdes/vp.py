@@ -26,7 +26,7 @@ class _VPFamily(VPTypeSDE):
         beta_min: float | None = None,
         beta_max: float | None = None,
         N: int | None = None,
-        sampling_eps: float = 1e-3,
+        sampling_eps: float | None = None,
         *,
         num_train_timesteps: int | None = None,
         beta_start: float | None = None,
@@ -52,11 +52,14 @@ class _VPFamily(VPTypeSDE):
                 )
             self.schedule = DiscreteBetaSchedule(ddpm_betas(**given))
             N = self.schedule.num_train_timesteps
+            # t = 0 is the table's first (noisy) entry, the last level a DDPM sampler visits.
+            sampling_eps = 0.0 if sampling_eps is None else sampling_eps
         else:
             self.schedule = LinearBetaSchedule(
                 0.1 if beta_min is None else beta_min, 20.0 if beta_max is None else beta_max
             )
             N = 1000 if N is None else N
+            sampling_eps = 1e-3 if sampling_eps is None else sampling_eps
         super().__init__(N=N, sampling_eps=sampling_eps)
 
     @property
@@ -100,7 +103,7 @@ class VPSDE(_VPFamily):
         beta_min: ``beta(0)`` of the linear schedule, default 0.1.
         beta_max: ``beta(1)`` of the linear schedule, default 20.
         N: number of discretization steps, default 1000.
-        sampling_eps: smallest sampling time, default 1e-3.
+        sampling_eps: smallest sampling time; default 1e-3, or 0 on a DDPM table (its entry 0).
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: a diffusers DDPM schedule
             instead (``beta_schedule`` in linear, scaled_linear, squaredcos_cap_v2, sigmoid).
     """

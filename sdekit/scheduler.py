@@ -1,0 +1,385 @@
+"""The diffusers-scheduler plumbing every sdekit sampler shares.
+
+A sampler plugin subclasses :class:`SDEScheduler`, lists the shared configuration (:data:`COMMON_CONFIG`) plus
+its own parameters in an ``@register_to_config`` ``__init__``, and implements two hooks:
+
+* ``_plan(times)``: given the noise levels to visit (continuous ``t``, descending), return the continuous time of
+  every model evaluation, in order, and precompute whatever ``step()`` needs (as Python floats, so that
+  ``step()`` launches no host-device syncs);
+* ``_step(index, model_output, sample, generator, use_clipped_model_output)``: one evaluation's update,
+  returning ``(prev_sample, pred_original_sample)``.
+
+The base builds the SDE from the config, maps continuous time to the model's timestep units, keeps the step
+index as diffusers' schedulers do, checks shapes, honours ``check_finite``, and translates configs saved by
+diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` / ``ScoreSdeVeScheduler``.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .parametrization import (
+    PREDICTION_TYPES,
+    TIME_INPUTS,
+    check_choice,
+    from_model_time,
+    split_model_output,
+    to_model_time,
+)
+from .registry import get_sde
+from .sde import SDE, TimeLike, broadcast_time, compute_dtype
+
+__all__ = ["COMMON_CONFIG", "SDEScheduler", "SDESchedulerOutput", "prior_std"]
+
+COMMON_CONFIG = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "sigma_min",
+    "sigma_max",
+    "sde",
+    "sde_params",
+    "sampling_eps",
+    "prediction_type",
+    "time_input",
+    "clip_sample",
+    "clip_sample_range",
+    "check_finite",
+)
+"""Configuration keys every sdekit scheduler takes (see :class:`SDEScheduler` for their meaning)."""
+
+_DDPM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
+@dataclass
+class SDESchedulerOutput(BaseOutput):
+    """Output of ``step()``.
+
+    Args:
+        prev_sample: the sample after this evaluation's update, to feed to the next ``step()``.
+        pred_original_sample: the model's estimate of the clean sample ``x_0`` at this evaluation.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+def prior_std(sde: SDE) -> float:
+    """Standard deviation of an isotropic Gaussian prior, read off ``prior_logp`` at the origin.
+
+    For ``N(0, s^2)`` in one dimension ``log p(0) = -log(2 pi) / 2 - log s``.
+    """
+    logp0 = sde.prior_logp(torch.zeros(1, 1, dtype=torch.float64))
+    return float(torch.exp(-logp0[0] - 0.5 * math.log(2 * math.pi)))
+
+
+def _diffusers_defaults(class_name: str) -> dict[str, Any]:
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not inspect.isclass(cls):
+        return {}
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
+    """Base of sdekit's diffusers schedulers. Not used directly: sampler plugins subclass it.
+
+    Shared configuration (every subclass's ``__init__`` takes these):
+
+    Args:
+        num_train_timesteps: ``N``, the number of training noise levels (DDPM table length, VE ``N``); default 1000.
+        beta_start, beta_end, beta_schedule, trained_betas: a diffusers DDPM schedule (defaults 0.0001, 0.02,
+            ``"linear"``, ``None``); with ``sde`` ``vp`` or ``subvp`` and no ``sde_params`` the SDE runs on this
+            table.
+        sigma_min, sigma_max: the VE noise range when ``sde="ve"`` and no ``sde_params`` (defaults 0.01, 50).
+        sde: name of the SDE plugin (``vp``, ``subvp``, ``ve`` or any installed one); default ``vp``.
+        sde_params: keyword arguments for that SDE instead of the ones above, e.g.
+            ``{"beta_min": 0.1, "beta_max": 20}`` for the continuous VP SDE; default ``None``.
+        sampling_eps: the smallest time sampled; ``None`` (default) takes the SDE's own (0 on a DDPM table,
+            1e-3 for continuous VP / sub-VP, 1e-5 for VE).
+        prediction_type: what the model returns: ``epsilon`` (default), ``v_prediction``, ``sample``, ``score``.
+        time_input: the model's timestep units, ``ddpm`` (``t (N - 1)``), ``sigma`` or ``continuous``; ``None``
+            (default) is ``sigma`` for VE and ``ddpm`` otherwise.
+        clip_sample: clip the predicted ``x_0`` to ``[-clip_sample_range, clip_sample_range]``; default False.
+        clip_sample_range: default 1.0.
+        check_finite: after every step, raise if the sample holds NaN or Inf. Off by default: the check makes
+            the host wait for the device at every step.
+    """
+
+    _compatibles = ["DDPMScheduler", "DDIMScheduler", "ScoreSdeVeScheduler"]
+    order = 1
+
+    # -- construction -------------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        """Build the SDE and validate the shared configuration; subclasses call this from ``__init__``."""
+        c = self.config
+        check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
+        if c.sde_params is not None and not isinstance(c.sde_params, Mapping):
+            raise ValueError(f"sde_params must be a dict of SDE parameters or None, got {c.sde_params!r}.")
+        if c.clip_sample_range <= 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {c.clip_sample_range!r}.")
+        if c.sde_params is not None:
+            params = dict(c.sde_params)
+        elif c.sde in ("vp", "subvp"):
+            params = {key: c[key] for key in _DDPM_KEYS}
+        elif c.sde == "ve":
+            params = {"sigma_min": c.sigma_min, "sigma_max": c.sigma_max, "N": c.num_train_timesteps}
+        else:
+            params = {}
+        if c.sampling_eps is not None:
+            params["sampling_eps"] = c.sampling_eps
+        self.sde: SDE = get_sde(c.sde, **params)
+        self.time_input = c.time_input or ("sigma" if c.sde == "ve" else "ddpm")
+        check_choice("time_input", self.time_input, TIME_INPUTS)
+        self.init_noise_sigma = prior_std(self.sde)
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.empty(0)
+        self._eval_times: list[float] = []
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
+        """Build from a config, translating those saved by diffusers' own schedulers.
+
+        A ``ScoreSdeVeScheduler`` config becomes the VE SDE with its ``sigma_min``, ``sigma_max`` and
+        ``sampling_eps``, score outputs and ``sigma`` model time (``snr`` and ``correct_steps`` go to samplers
+        that take them). DDPM-style configs keep their beta schedule. Keys the original class left at its own
+        defaults take that class's defaults, not sdekit's.
+        """
+        if config is None:
+            raise ValueError("from_config needs a config (e.g. pipe.scheduler.config).")
+        config = dict(config)
+        source = config.get("_class_name")
+        if isinstance(source, str) and source != cls.__name__:
+            defaults = _diffusers_defaults(source)
+            for key in config.pop("_use_default_values", []):
+                if key in defaults:
+                    config[key] = defaults[key]
+            for key in ("rescale_betas_zero_snr", "thresholding"):
+                if config.get(key):
+                    raise ValueError(
+                        f"the {source} config sets {key}=True, which sdekit's samplers do not implement; "
+                        f"set it to False (or use {source} itself)."
+                    )
+            if source == "ScoreSdeVeScheduler":
+                config.update(sde="ve", prediction_type="score", time_input="sigma", sde_params=None)
+                config.setdefault("sigma_max", defaults.get("sigma_max"))
+                if "correct_steps" in config:
+                    config["corrector_steps"] = config.pop("correct_steps")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    # -- the diffusers scheduler interface ----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next evaluation in ``timesteps``; ``None`` until the first ``step()``."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index of the first evaluation, set by pipelines (e.g. img2img) through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at evaluation ``begin_index`` (call before the first ``step()``)."""
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: TimeLike | None = None) -> torch.Tensor:
+        """sdekit models take ``x_t`` unscaled: returns ``sample``."""
+        return sample
+
+    def _is_discrete(self) -> bool:
+        return bool(getattr(self.sde, "is_discrete", False))
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        """Choose the noise levels to visit and reset all sampler state.
+
+        Args:
+            num_inference_steps: number of noise levels, evenly spaced in ``t`` from 1 to ``sampling_eps``.
+            device: where ``timesteps`` live.
+            timesteps: the levels instead, in the model's timestep units, strictly decreasing.
+        """
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps and timesteps.")
+        if timesteps is not None:
+            levels = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+            if levels.numel() < 1 or not bool(torch.all(levels[1:] < levels[:-1])):
+                raise ValueError(f"timesteps must be a non-empty, strictly decreasing sequence; got {levels.tolist()}.")
+            times = from_model_time(self.sde, levels, self.time_input).tolist()
+        else:
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+                raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
+            if num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+            if self._is_discrete() and num_inference_steps > self.config.num_train_timesteps:
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps} exceeds the {self.config.num_train_timesteps} noise "
+                    "levels of this discrete schedule; use at most num_train_timesteps."
+                )
+            times = torch.linspace(self.sde.T, self.sde.sampling_eps, num_inference_steps, dtype=torch.float64)
+            times = times.tolist()
+        self.num_inference_steps = len(times)
+        self._eval_times = self._plan(times)
+        model_times = self._model_timesteps(torch.tensor(self._eval_times, dtype=torch.float64))
+        self.timesteps = model_times.to(device=device)
+        self._step_index = None
+        self._begin_index = None
+
+    def _model_timesteps(self, eval_times: torch.Tensor) -> torch.Tensor:
+        """The ``timesteps`` tensor for evaluation times ``eval_times`` (float64): float32 model units."""
+        return to_model_time(self.sde, eval_times, self.time_input).to(torch.float32)
+
+    def _init_step_index(self, timestep: TimeLike) -> None:
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+            return
+        timestep = torch.as_tensor(timestep, dtype=self.timesteps.dtype, device=self.timesteps.device)
+        matches = (self.timesteps == timestep).nonzero()
+        if len(matches) == 0:
+            raise ValueError(
+                f"timestep {float(timestep)} is not one of this scheduler's timesteps; call set_timesteps() and "
+                "pass the values of scheduler.timesteps in order."
+            )
+        self._step_index = int(matches[0])
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: TimeLike,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+        eta: float | None = None,
+        use_clipped_model_output: bool | None = None,
+    ) -> SDESchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One model evaluation's update.
+
+        Args:
+            model_output: the model's output at ``sample`` and ``timestep`` (of ``prediction_type``).
+            timestep: the current entry of ``timesteps``.
+            sample: the current sample ``x_t``.
+            generator: the only source of randomness.
+            return_dict: return :class:`SDESchedulerOutput` (default) or a tuple.
+            eta: DDIM's noise scale; only samplers that define it accept a value other than ``None`` / 0.
+            use_clipped_model_output: with ``clip_sample``, re-derive the noise from the clipped ``x_0``.
+
+        Returns:
+            ``prev_sample`` and ``pred_original_sample``.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps() before step().")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}; "
+                "the model must predict one value per sample element (a model with learned variances returns "
+                "twice the channels: pass only the first half)."
+            )
+        self._check_eta(eta)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        index = self._step_index
+        if index >= len(self._eval_times):
+            raise ValueError(f"all {len(self._eval_times)} evaluations are done; call set_timesteps() to start over.")
+        prev_sample, x0 = self._step(index, model_output, sample, generator, bool(use_clipped_model_output), eta)
+        if self.config.check_finite and not bool(torch.isfinite(prev_sample).all()):
+            raise FloatingPointError(
+                f"step {index} (timestep {float(self.timesteps[index])}) produced NaN or Inf; check the model output "
+                "and the configuration (prediction_type, time_input)."
+            )
+        self._step_index = index + 1
+        prev_sample, x0 = prev_sample.to(sample.dtype), x0.to(sample.dtype)
+        if not return_dict:
+            return prev_sample, x0
+        return SDESchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | TimeLike
+    ) -> torch.Tensor:
+        """``x_t = alpha(t) x_0 + sigma(t) noise`` at model timesteps ``timesteps`` (one per sample or one for all)."""
+        t = from_model_time(self.sde, torch.as_tensor(timesteps, device=original_samples.device), self.time_input)
+        tt = broadcast_time(t.flatten() if t.ndim else t, original_samples)
+        alpha, sigma = self.sde.marginal_coeffs(tt)
+        noisy = alpha * original_samples.to(tt.dtype) + sigma * noise.to(tt.dtype)
+        return noisy.to(original_samples.dtype)
+
+    # -- helpers for subclasses ---------------------------------------------------------------------------
+
+    def _check_eta(self, eta: float | None) -> None:
+        """Samplers without DDIM's ``eta`` accept only ``None`` or 0 (what DDIM / LDM pipelines pass)."""
+        if eta not in (None, 0, 0.0):
+            raise ValueError(
+                f"eta={eta!r} is DDIM's noise scale; {type(self).__name__} does not use it. Pass eta=0 (or none), "
+                "or use the ddim or analytic-dpm sampler."
+            )
+
+    def _coeffs(self, t: float) -> tuple[float, float]:
+        """``(alpha(t), sigma(t))`` of the SDE's kernel as Python floats (for precomputation)."""
+        alpha, sigma = self.sde.marginal_coeffs(torch.tensor(t, dtype=torch.float64))
+        return float(alpha), float(sigma)
+
+    def _x0_eps(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        alpha: float,
+        sigma: float,
+        use_clipped_model_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_0, eps)`` from the model output, in the compute dtype; ``x_0`` clipped when configured.
+
+        With ``use_clipped_model_output`` the noise is re-derived from the clipped ``x_0``.
+        """
+        x0, eps = split_model_output(model_output, sample, alpha, sigma, self.config.prediction_type)
+        if self.config.clip_sample:
+            limit = self.config.clip_sample_range
+            x0 = x0.clamp(-limit, limit)
+            if use_clipped_model_output:
+                eps = (sample.to(x0.dtype) - alpha * x0) / sigma
+        return x0, eps
+
+    def _noise(self, sample: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+        """Standard normal noise like ``sample`` in the compute dtype, from ``generator``."""
+        dtype = compute_dtype(sample.dtype)
+        return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=dtype)
+
+    @abc.abstractmethod
+    def _plan(self, times: list[float]) -> list[float]:
+        """Continuous time of every model evaluation for the noise levels ``times``; precompute step data."""
+
+    @abc.abstractmethod
+    def _step(
+        self,
+        index: int,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        use_clipped_model_output: bool,
+        eta: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation ``index``'s update: ``(prev_sample, pred_original_sample)``."""
