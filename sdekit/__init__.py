@@ -22,9 +22,25 @@ from .registry import (
     validate_plugin,
 )
 from .sampling import sample_probability_flow, sample_reverse_sde
+from .scheduler import SDEScheduler, SDESchedulerOutput
 from .sde import SDE, ReverseSDE, VPTypeSDE
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> type:
+    """``sdekit.X`` for the class ``X`` of any installed sampler plugin (loaded on first use).
+
+    diffusers resolves a saved pipeline's ``model_index.json`` entry ``["sdekit", "X"]`` as
+    ``getattr(importlib.import_module("sdekit"), "X")``; this makes that work for built-in and third-party
+    schedulers alike without sdekit importing any plugin up front.
+    """
+    if not name.startswith("_"):
+        for info in list_plugins(kind="sampler"):
+            if info.status in ("ok", "shadowed") and info.entry_point.rpartition(":")[2] == name:
+                return get_sampler_class(info.qualified_name)
+    raise AttributeError(f"module 'sdekit' has no attribute {name!r}")
+
 
 __all__ = [
     "API_VERSION",
@@ -34,6 +50,8 @@ __all__ = [
     "PluginWarning",
     "ReverseSDE",
     "SDE",
+    "SDEScheduler",
+    "SDESchedulerOutput",
     "SchedulerMixin",
     "UnknownPluginError",
     "VPTypeSDE",

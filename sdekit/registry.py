@@ -53,6 +53,7 @@ __all__ = [
     "list_plugins",
     "load_scheduler",
     "refresh_plugins",
+    "registered_name",
     "validate_plugin",
 ]
 
@@ -446,6 +447,20 @@ def _resolve(name: str, kind: PluginKind) -> Any:
     if entry.failure is not None:
         raise InvalidPluginError(entry.failure.status, f"the {entry.label} is skipped: {entry.failure.reason}")
     return entry.obj
+
+
+def registered_name(cls: type, kind: str) -> str | None:
+    """The name under which an entry point of ``kind`` registers ``cls``, read from metadata without importing.
+
+    An entry point ``"pkg:Cls"`` matches a class ``Cls`` defined in ``pkg`` or one of its submodules.
+    """
+    _check_kind(kind)
+    for entry in _get_entries():
+        module, _, attr = entry.entry_point.value.partition(":")
+        if entry.kind == kind and attr.strip() == cls.__qualname__:
+            if cls.__module__ == module.strip() or cls.__module__.startswith(module.strip() + "."):
+                return entry.name
+    return None
 
 
 def get_sde_class(name: str) -> type:

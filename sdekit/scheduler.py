@@ -38,7 +38,7 @@ from .parametrization import (
     split_model_output,
     to_model_time,
 )
-from .registry import get_sde
+from .registry import get_sde, registered_name
 from .sde import SDE, TimeLike, broadcast_time, compute_dtype
 
 __all__ = ["COMMON_CONFIG", "SDEScheduler", "SDESchedulerOutput", "prior_std"]
@@ -95,6 +95,17 @@ def _diffusers_defaults(class_name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
+def _source_class(config: Mapping[str, Any]) -> str | None:
+    """The class that saved ``config``: its ``_class_name``, or for an in-memory config (which has none) the
+    diffusers class its keys identify (``ScoreSdeVeScheduler`` has no beta schedule but ``correct_steps``)."""
+    name = config.get("_class_name")
+    if isinstance(name, str):
+        return name
+    if "sde" not in config and "correct_steps" in config and "beta_start" not in config:
+        return "ScoreSdeVeScheduler"
+    return None
+
+
 class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
     """Base of sdekit's diffusers schedulers. Not used directly: sampler plugins subclass it.
 
@@ -122,6 +133,14 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
 
     _compatibles = ["DDPMScheduler", "DDIMScheduler", "ScoreSdeVeScheduler"]
     order = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # diffusers saves a pipeline component as [top-level module, class name] and loads it back by getattr on
+        # that module. A registered sampler is reachable as sdekit.<Class> (see sdekit.__getattr__), so it is
+        # recorded as ["sdekit", "<Class>"], independent of the plugin's internal layout.
+        if registered_name(cls, "sampler") is not None:
+            cls.__module__ = "sdekit"
 
     # -- construction -------------------------------------------------------------------------------------
 
@@ -167,18 +186,21 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         if config is None:
             raise ValueError("from_config needs a config (e.g. pipe.scheduler.config).")
         config = dict(config)
-        source = config.get("_class_name")
-        if isinstance(source, str) and source != cls.__name__:
+        # A scheduler's config holds the value of every key, defaults included; diffusers would drop the keys
+        # listed here and so replace the source scheduler's defaults with this class's.
+        used_defaults = config.pop("_use_default_values", [])
+        source = _source_class(config)
+        for key in ("rescale_betas_zero_snr", "thresholding"):
+            if config.get(key):
+                raise ValueError(
+                    f"the {source or 'given'} config sets {key}=True, which sdekit's samplers do not implement; "
+                    "set it to False."
+                )
+        if source is not None and source != cls.__name__:
             defaults = _diffusers_defaults(source)
-            for key in config.pop("_use_default_values", []):
+            for key in used_defaults:
                 if key in defaults:
                     config[key] = defaults[key]
-            for key in ("rescale_betas_zero_snr", "thresholding"):
-                if config.get(key):
-                    raise ValueError(
-                        f"the {source} config sets {key}=True, which sdekit's samplers do not implement; "
-                        f"set it to False (or use {source} itself)."
-                    )
             if source == "ScoreSdeVeScheduler":
                 config.update(sde="ve", prediction_type="score", time_input="sigma", sde_params=None)
                 config.setdefault("sigma_max", defaults.get("sigma_max"))
