@@ -6,6 +6,7 @@ SDEs and samplers are plugins (entry-point groups ``sdekit.sdes`` and ``sdekit.s
 
 from diffusers import SchedulerMixin
 
+from .ode import ODEResult, sample_ode
 from .registry import (
     API_VERSION,
     InvalidPluginError,
@@ -45,6 +46,7 @@ def __getattr__(name: str) -> type:
 __all__ = [
     "API_VERSION",
     "InvalidPluginError",
+    "ODEResult",
     "PluginError",
     "PluginInfo",
     "PluginWarning",
@@ -63,6 +65,7 @@ __all__ = [
     "load_scheduler",
     "refresh_plugins",
     "sample_probability_flow",
+    "sample_ode",
     "sample_reverse_sde",
     "validate_plugin",
 ]
