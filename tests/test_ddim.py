@@ -13,10 +13,16 @@ import itertools
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
-from sdekit_ddim import DDIMSDEScheduler
 
 import sdekit
-from sdekit.testing import GaussianMixture, epsilon_oracle, frechet_distance
+from sdekit.testing import (
+    GaussianMixture,
+    epsilon_oracle,
+    frechet_distance,
+    mixture_frechet_distance,
+    mixture_frechet_floor,
+)
+from sdekit_ddim import DDIMSDEScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -225,33 +231,12 @@ def test_frechet_distance_falls_as_steps_grow(mixture_2d: GaussianMixture) -> No
     assert fd[0] > 2 * fd[1] and fd[1] > 1.5 * fd[2], fd
 
 
-def _chunked_frechet(x: torch.Tensor, chunks: int, mix: GaussianMixture, gen: torch.Generator) -> float:
-    """Mean Frechet distance of ``chunks`` slices of ``x`` to fresh data sets of the same size.
-
-    A single Frechet distance between finite sample sets scatters like an exponential variable (its relative
-    standard deviation is about 1 here), so a 1.5x criterion on one value fails a perfect sampler one time in
-    five; the mean over 40 independent slices has a relative scatter of about 0.16.
-    """
-    size = x.shape[0] // chunks
-    return sum(frechet_distance(c, mix.sample(size, gen, dtype=torch.float64)) for c in x.chunk(chunks)) / chunks
-
-
 def test_ddpm_budget_is_within_the_data_floor(mixture_2d: GaussianMixture) -> None:
     """eta = 1 over all 1000 levels is within 1.5x of the data-vs-data floor; 10 steps are not."""
-    gen = torch.Generator().manual_seed(6)
-    chunks, size = 40, 300
-    pairs = 160
-    floor = (
-        sum(
-            frechet_distance(
-                mixture_2d.sample(size, gen, dtype=torch.float64), mixture_2d.sample(size, gen, dtype=torch.float64)
-            )
-            for _ in range(pairs)
-        )
-        / pairs
-    )
-    full = _chunked_frechet(_oracle_samples(mixture_2d, 1000, 1.0, chunks * size, 7), chunks, mixture_2d, gen)
-    few = _chunked_frechet(_oracle_samples(mixture_2d, 10, 1.0, chunks * size, 7), chunks, mixture_2d, gen)
+    n = 12_000
+    floor = mixture_frechet_floor(mixture_2d, n, generator=torch.Generator().manual_seed(6))
+    full = mixture_frechet_distance(_oracle_samples(mixture_2d, 1000, 1.0, n, 7), mixture_2d)
+    few = mixture_frechet_distance(_oracle_samples(mixture_2d, 10, 1.0, n, 7), mixture_2d)
     assert full <= 1.5 * floor, (full, floor)
     assert few > 1.5 * floor, (few, floor)
 

@@ -10,7 +10,14 @@ from sdekit import load_scheduler
 from sdekit.ode import sample_ode
 from sdekit.parametrization import model_output_to
 from sdekit.sampling import sample_probability_flow
-from sdekit.testing import GaussianMixture, MixtureScoreModel, epsilon_oracle, gaussian_frechet_distance, score_oracle
+from sdekit.testing import (
+    GaussianMixture,
+    MixtureScoreModel,
+    epsilon_oracle,
+    mixture_frechet_distance,
+    mixture_frechet_floor,
+    score_oracle,
+)
 from sdekit_pf_ode import ProbabilityFlowScheduler
 from sdekit_sdes import VPSDE
 
@@ -51,17 +58,11 @@ def _run(scheduler: ProbabilityFlowScheduler, model: MixtureScoreModel, x_T: tor
 
 
 def _chunked_fd(mixture: GaussianMixture, x: torch.Tensor) -> float:
-    """Mean Frechet distance of ``CHUNKS`` chunks of ``x`` to the mixture's exact mean and covariance."""
-    mean, cov = mixture.mean(), mixture.covariance()
-    chunks = x.to(torch.float64).chunk(CHUNKS)
-    return sum(gaussian_frechet_distance(c.mean(0), torch.cov(c.T), mean, cov) for c in chunks) / CHUNKS
+    return mixture_frechet_distance(x, mixture, CHUNK)
 
 
 def _floor(mixture: GaussianMixture) -> float:
-    """The data-vs-data floor: the expected ``_chunked_fd`` of samples from the mixture itself."""
-    gen = torch.Generator().manual_seed(1234)
-    draws = [_chunked_fd(mixture, mixture.sample(CHUNKS * CHUNK, gen, dtype=torch.float64)) for _ in range(20)]
-    return sum(draws) / len(draws)
+    return mixture_frechet_floor(mixture, CHUNKS * CHUNK, CHUNK, generator=torch.Generator().manual_seed(1234))
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])

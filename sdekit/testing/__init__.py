@@ -6,7 +6,13 @@ gives the mixture back.
 """
 
 from .hub_server import HubServer
-from .metrics import frechet_distance, gaussian_frechet_distance, sliced_wasserstein
+from .metrics import (
+    frechet_distance,
+    gaussian_frechet_distance,
+    mixture_frechet_distance,
+    mixture_frechet_floor,
+    sliced_wasserstein,
+)
 from .mixture import GaussianMixture
 from .oracle import MixtureScoreModel, epsilon_oracle, score_oracle
 
@@ -17,6 +23,8 @@ __all__ = [
     "epsilon_oracle",
     "frechet_distance",
     "gaussian_frechet_distance",
+    "mixture_frechet_distance",
+    "mixture_frechet_floor",
     "score_oracle",
     "sliced_wasserstein",
 ]
