@@ -14,6 +14,8 @@ from sdekit.testing import (
     epsilon_oracle,
     frechet_distance,
     gaussian_frechet_distance,
+    mixture_frechet_distance,
+    mixture_frechet_floor,
     score_oracle,
     sliced_wasserstein,
 )
@@ -134,3 +136,16 @@ def test_sliced_wasserstein() -> None:
     assert math.isclose(sliced_wasserstein(x, x + 0.5, generator=gen), 0.5, rel_tol=1e-9)
     with pytest.raises(ValueError, match="values per sample"):
         sliced_wasserstein(x, torch.zeros(10, 2))
+
+
+def test_mixture_frechet_distance_and_floor(mixture_2d: GaussianMixture) -> None:
+    gen = torch.Generator().manual_seed(6)
+    x = mixture_2d.sample(1000, gen, dtype=torch.float64)
+    whole = gaussian_frechet_distance(x.mean(0), torch.cov(x.T), mixture_2d.mean(), mixture_2d.covariance())
+    assert math.isclose(mixture_frechet_distance(x, mixture_2d, chunk_size=1000), whole, rel_tol=1e-12)
+    floor = mixture_frechet_floor(mixture_2d, 1000, chunk_size=100, generator=gen)
+    assert 0 < floor < 0.5
+    # A shifted set is far above the floor.
+    assert mixture_frechet_distance(x + 0.5, mixture_2d, chunk_size=100) > 0.5 > floor
+    with pytest.raises(ValueError, match="chunk_size"):
+        mixture_frechet_distance(x, mixture_2d, chunk_size=2000)

@@ -80,8 +80,8 @@ def mixture_frechet_distance(samples: torch.Tensor, mixture: GaussianMixture, ch
     Compare with :func:`mixture_frechet_floor` at the same ``chunk_size`` and number of samples.
     """
     flat = _flat64(samples)
-    if flat.shape[0] < 2 * chunk_size:
-        raise ValueError(f"need at least {2 * chunk_size} samples for chunks of {chunk_size}, got {flat.shape[0]}.")
+    if not 2 <= chunk_size <= flat.shape[0]:
+        raise ValueError(f"chunk_size must lie in [2, {flat.shape[0]}] (the number of samples), got {chunk_size}.")
     mean, cov = mixture.mean(), mixture.covariance()
     chunks = flat[: flat.shape[0] // chunk_size * chunk_size].split(chunk_size)
     cov_of = lambda c: torch.cov(c.T).reshape(c.shape[1], -1)  # noqa: E731
