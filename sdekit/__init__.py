@@ -6,6 +6,7 @@ SDEs and samplers are plugins (entry-point groups ``sdekit.sdes`` and ``sdekit.s
 
 from diffusers import SchedulerMixin
 
+from .likelihood import GaussianReverseProcess, GaussianStep, nll_bound
 from .ode import ODEResult, sample_ode
 from .registry import (
     API_VERSION,
@@ -45,6 +46,8 @@ def __getattr__(name: str) -> type:
 
 __all__ = [
     "API_VERSION",
+    "GaussianReverseProcess",
+    "GaussianStep",
     "InvalidPluginError",
     "ODEResult",
     "PluginError",
@@ -63,6 +66,7 @@ __all__ = [
     "get_sde_class",
     "list_plugins",
     "load_scheduler",
+    "nll_bound",
     "refresh_plugins",
     "sample_probability_flow",
     "sample_ode",

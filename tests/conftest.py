@@ -13,6 +13,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite's tensors are tiny: one thread avoids thread start-up costs that dominate them on 2 cores.
+torch.set_num_threads(1)
 
 from sdekit.registry import refresh_plugins  # noqa: E402
 from sdekit.testing import GaussianMixture  # noqa: E402

@@ -57,7 +57,9 @@ def test_plugins_table(capsys: pytest.CaptureFixture[str]) -> None:
 def test_plugins_kind_filter(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins", "--kind", "sampler"]) == 0
     rows = _table(capsys.readouterr().out)
-    assert set(rows) == {("sampler", "euler-flow", TEST_DIST), ("sampler", "not-a-scheduler", TEST_DIST)}
+    builtins = {("sampler", name, "sdekit") for name in ("analytic-dpm", "ddim", "pc", "pf-ode")}
+    test_plugins = {("sampler", "euler-flow", TEST_DIST), ("sampler", "not-a-scheduler", TEST_DIST)}
+    assert set(rows) == builtins | test_plugins
 
 
 def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:

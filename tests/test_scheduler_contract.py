@@ -31,8 +31,11 @@ CASES = [
     ("pf-ode", {"solver": "heun"}),
     ("ddim", {}),
     ("ddim", {"eta": 1.0}),
+    ("analytic-dpm", {"variance": "beta_tilde"}),
+    ("analytic-dpm", {"gamma": [0.5] * 1000}),
+    ("analytic-dpm", {"gamma": [0.5] * 1000, "eta": 0.0, "trajectory": "optimal"}),
 ]
-IDS = [name + "".join(f"-{v}" for v in overrides.values()) for name, overrides in CASES]
+IDS = [name + "".join(f"-{k}" if k == "gamma" else f"-{v}" for k, v in overrides.items()) for name, overrides in CASES]
 
 
 def _unet(channels: int = 3) -> UNet2DModel:
