@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .likelihood import model_prediction
 from .parametrization import PREDICTION_TYPES, TIME_INPUTS, check_choice, model_output_to, to_model_time
 from .sampling import check_finite
 from .sde import SDE, ScoreFn, TimeLike, compute_dtype
@@ -35,22 +36,6 @@ class ODEResult:
 
     samples: torch.Tensor
     nfe: int
-
-
-def _model_tensor(output: object) -> torch.Tensor:
-    """The prediction inside a model's return value: ``.sample`` (diffusers outputs), a tuple's first item, or
-    the tensor itself."""
-    if torch.is_tensor(output):
-        return output
-    sample = getattr(output, "sample", None)
-    if torch.is_tensor(sample):
-        return sample
-    if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-        return output[0]
-    raise TypeError(
-        f"the model returned {type(output).__name__}; expected a tensor, a tuple whose first item is one, or an "
-        "object with a .sample tensor (as diffusers' UNet2DModel returns)."
-    )
 
 
 def _default_time_input(sde: SDE) -> str:
@@ -79,7 +64,7 @@ def model_score_fn(
     def score_fn(x: torch.Tensor, t: TimeLike) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device, dtype=compute_dtype(x.dtype))
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        output = _model_tensor(model(x, to_model_time(sde, t, time_input)))
+        output = model_prediction(model, x, to_model_time(sde, t, time_input))
         return model_output_to(sde, output, x, t, prediction_type, "score")
 
     return score_fn

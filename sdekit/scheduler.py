@@ -9,6 +9,8 @@ its own parameters in an ``@register_to_config`` ``__init__``, and implements tw
 * ``_step(index, model_output, sample, generator, use_clipped_model_output)``: one evaluation's update,
   returning ``(prev_sample, pred_original_sample)``.
 
+``_spaced_times`` / ``_custom_times`` choose the levels for ``set_timesteps`` and may be overridden too.
+
 The base builds the SDE from the config, maps continuous time to the model's timestep units, keeps the step
 index as diffusers' schedulers do, checks shapes, honours ``check_finite``, and translates configs saved by
 diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` / ``ScoreSdeVeScheduler``.
@@ -133,6 +135,8 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
 
     _compatibles = ["DDPMScheduler", "DDIMScheduler", "ScoreSdeVeScheduler"]
     order = 1
+    integer_timesteps = False
+    """Whether ``timesteps`` are the model's integer training levels (DDPM-style samplers) on ``ddpm`` model time."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -243,38 +247,48 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         """Choose the noise levels to visit and reset all sampler state.
 
         Args:
-            num_inference_steps: number of noise levels, evenly spaced in ``t`` from 1 to ``sampling_eps``.
+            num_inference_steps: number of noise levels (spaced as the sampler defines; evenly in ``t`` from 1 to
+                ``sampling_eps`` unless it says otherwise).
             device: where ``timesteps`` live.
             timesteps: the levels instead, in the model's timestep units, strictly decreasing.
         """
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps and timesteps.")
         if timesteps is not None:
-            levels = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
-            if levels.numel() < 1 or not bool(torch.all(levels[1:] < levels[:-1])):
-                raise ValueError(f"timesteps must be a non-empty, strictly decreasing sequence; got {levels.tolist()}.")
-            times = from_model_time(self.sde, levels, self.time_input).tolist()
+            times = self._custom_times(timesteps)
         else:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-                raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
-            if num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-            if self._is_discrete() and num_inference_steps > self.config.num_train_timesteps:
-                raise ValueError(
-                    f"num_inference_steps={num_inference_steps} exceeds the {self.config.num_train_timesteps} noise "
-                    "levels of this discrete schedule; use at most num_train_timesteps."
-                )
-            times = torch.linspace(self.sde.T, self.sde.sampling_eps, num_inference_steps, dtype=torch.float64)
-            times = times.tolist()
+            times = self._spaced_times(num_inference_steps)
         self.num_inference_steps = len(times)
         self._eval_times = self._plan(times)
-        model_times = self._model_timesteps(torch.tensor(self._eval_times, dtype=torch.float64))
-        self.timesteps = model_times.to(device=device)
+        self.timesteps = self._model_timesteps(torch.tensor(self._eval_times, dtype=torch.float64)).to(device=device)
         self._step_index = None
         self._begin_index = None
 
+    def _spaced_times(self, num_inference_steps: int) -> list[float]:
+        """Continuous times of ``num_inference_steps`` levels, evenly spaced from ``T`` to ``sampling_eps``."""
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        if self._is_discrete() and num_inference_steps > self.config.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} exceeds the {self.config.num_train_timesteps} noise "
+                "levels of this discrete schedule; use at most num_train_timesteps."
+            )
+        return torch.linspace(self.sde.T, self.sde.sampling_eps, num_inference_steps, dtype=torch.float64).tolist()
+
+    def _custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+        """Continuous times of user-given model timesteps, which must be strictly decreasing."""
+        levels = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+        if levels.numel() < 1 or not bool(torch.all(levels[1:] < levels[:-1])):
+            raise ValueError(f"timesteps must be a non-empty, strictly decreasing sequence; got {levels.tolist()}.")
+        return from_model_time(self.sde, levels, self.time_input).tolist()
+
     def _model_timesteps(self, eval_times: torch.Tensor) -> torch.Tensor:
-        """The ``timesteps`` tensor for evaluation times ``eval_times`` (float64): float32 model units."""
+        """The ``timesteps`` tensor for evaluation times ``eval_times`` (float64): int64 table levels for samplers
+        with :attr:`integer_timesteps` on ``ddpm`` model time, float32 model units otherwise."""
+        if self.integer_timesteps and self.time_input == "ddpm":
+            return torch.round(eval_times * (self.config.num_train_timesteps - 1)).to(torch.int64)
         return to_model_time(self.sde, eval_times, self.time_input).to(torch.float32)
 
     def _init_step_index(self, timestep: TimeLike) -> None:

@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from sdekit.likelihood import GaussianStep, model_device_dtype, model_prediction
-from sdekit.parametrization import check_choice, from_model_time, split_model_output, to_model_time
+from sdekit.parametrization import check_choice, from_model_time, split_model_output
 from sdekit.scheduler import SDEScheduler
 from sdekit.sde import VPTypeSDE, compute_dtype
 
@@ -106,6 +106,8 @@ class AnalyticDPMScheduler(SDEScheduler):
             ``sigma <= clip_pixel (2 clip_sample_range / 255) sqrt(pi / 2)``; default 2.0; ``None`` disables it.
     """
 
+    integer_timesteps = True
+
     @register_to_config
     def __init__(
         self,
@@ -144,7 +146,7 @@ class AnalyticDPMScheduler(SDEScheduler):
         if gamma is not None:
             self.register_to_config(gamma=check_gamma(gamma, num_train_timesteps, stacklevel=4))
         self._optimal_paths: dict[int, list[int]] = {}
-        self._request: tuple[int | None, list[float] | None, Any] | None = None
+        self._request: tuple[int | None, list[float] | None] | None = None
         self._steps: list[_Step] = []
 
     def _check_discrete_vp(self) -> None:
@@ -293,8 +295,8 @@ class AnalyticDPMScheduler(SDEScheduler):
         self.register_to_config(gamma=gamma)
         self._optimal_paths = {}
         if self._request is not None:
-            num_inference_steps, planned, device = self._request
-            self.set_timesteps(num_inference_steps, device=device, timesteps=planned)
+            num_inference_steps, planned = self._request
+            self.set_timesteps(num_inference_steps, device=self.timesteps.device, timesteps=planned)
         return torch.tensor([gamma[level] for level in levels], dtype=torch.float64)
 
     # -- trajectories -------------------------------------------------------------------------------------
@@ -368,64 +370,56 @@ class AnalyticDPMScheduler(SDEScheduler):
     def _kernel(self, step: _Step, eta: float, variance: str) -> StepKernel:
         return step_kernel(step.pair, step.gamma, eta, variance, self._max_covariance(), step.max_variance)
 
+    def _custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+        """The levels given in model units: at least 2 strictly decreasing table levels in ``[0, N - 1]`` (integers
+        for ``ddpm`` model time); they should end at 0."""
+        num_levels = self.config.num_train_timesteps
+        given = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+        exact = from_model_time(self.sde, given, self.time_input) * (num_levels - 1)
+        levels = exact.round()
+        if (
+            given.numel() < 2
+            or not bool(torch.all(levels[1:] < levels[:-1]))
+            or not bool(torch.all((levels - exact).abs() < 1e-6))
+            or levels[0] > num_levels - 1
+            or levels[-1] < 0
+        ):
+            raise ValueError(
+                f"timesteps must be at least 2 strictly decreasing table levels in [0, {num_levels - 1}] (model "
+                f"units); got {given.tolist()}."
+            )
+        return [int(n) / (num_levels - 1) for n in levels]
+
+    def _spaced_times(self, num_inference_steps: int) -> list[float]:
+        """``K = num_inference_steps`` levels from ``N - 1`` down to 0 following ``trajectory``."""
+        num_levels = self.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
+        if not 2 <= num_inference_steps <= num_levels:
+            raise ValueError(
+                f"num_inference_steps must be between 2 and num_train_timesteps={num_levels}: the trajectory "
+                f"runs from level {num_levels - 1} down to level 0 (both included); got {num_inference_steps}."
+            )
+        return [n / (num_levels - 1) for n in self._trajectory(num_inference_steps)[::-1]]
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
         timesteps: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
-        """Choose the trajectory and reset all sampler state.
+        """As :meth:`sdekit.SDEScheduler.set_timesteps`; the request is remembered so that ``estimate_gamma`` can
+        plan it again with the new Gamma.
 
         Args:
             num_inference_steps: ``K``, the number of levels and model calls, ``2 <= K <= num_train_timesteps``;
                 the levels follow ``trajectory``, from ``N - 1`` down to 0.
             device: where ``timesteps`` live.
-            timesteps: the levels instead, in the model's timestep units (integers in ``[0, N - 1]`` for
-                ``ddpm`` model time), strictly decreasing, at least 2; they should end at 0.
+            timesteps: the levels instead, in the model's timestep units, strictly decreasing, at least 2.
         """
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps and timesteps.")
-        num_levels = self.config.num_train_timesteps
-        if timesteps is not None:
-            given = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
-            exact = from_model_time(self.sde, given, self.time_input) * (num_levels - 1)
-            levels = exact.round()
-            if (
-                given.numel() < 2
-                or not bool(torch.all(levels[1:] < levels[:-1]))
-                or not bool(torch.all((levels - exact).abs() < 1e-6))
-                or levels[0] > num_levels - 1
-                or levels[-1] < 0
-            ):
-                raise ValueError(
-                    f"timesteps must be at least 2 strictly decreasing table levels in [0, {num_levels - 1}] (model "
-                    f"units); got {given.tolist()}."
-                )
-            descending = [int(n) for n in levels]
-            request: tuple[int | None, list[float] | None, Any] = (None, given.tolist(), device)
-        else:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-                raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
-            if not 2 <= num_inference_steps <= num_levels:
-                raise ValueError(
-                    f"num_inference_steps must be between 2 and num_train_timesteps={num_levels}: the trajectory "
-                    f"runs from level {num_levels - 1} down to level 0 (both included); got {num_inference_steps}."
-                )
-            descending = self._trajectory(num_inference_steps)[::-1]
-            request = (num_inference_steps, None, device)
-        times = [n / (num_levels - 1) for n in descending]
-        self.num_inference_steps = len(times)
-        self._eval_times = self._plan(times)
-        self.timesteps = self._model_timesteps(torch.tensor(self._eval_times, dtype=torch.float64)).to(device)
-        self._request = request
-        self._step_index = None
-        self._begin_index = None
-
-    def _model_timesteps(self, eval_times: torch.Tensor) -> torch.Tensor:
-        """Integer (int64) timesteps for ``ddpm`` model time, as diffusers' DDPM; float32 model units otherwise."""
-        if self.time_input == "ddpm":
-            return torch.round(eval_times * (self.config.num_train_timesteps - 1)).to(torch.int64)
-        return to_model_time(self.sde, eval_times, self.time_input).to(torch.float32)
+        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
+        planned = None if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64).flatten().tolist()
+        self._request = (num_inference_steps, planned)
 
     def _plan(self, times: list[float]) -> list[float]:
         num_levels = self.config.num_train_timesteps

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from sdekit.parametrization import check_choice, from_model_time, to_model_time
+from sdekit.parametrization import check_choice
 from sdekit.scheduler import SDEScheduler
 from sdekit.sde import VPTypeSDE
 
@@ -85,6 +85,8 @@ class DDIMSDEScheduler(SDEScheduler):
             the first table entry, ``alpha_bar(t=0)``.
         steps_offset: added to every ``leading`` timestep; default 0.
     """
+
+    integer_timesteps = True
 
     @register_to_config
     def __init__(
@@ -169,54 +171,26 @@ class DDIMSDEScheduler(SDEScheduler):
             levels = np.round(np.arange(n_train, 0, -n_train / num_inference_steps)) - 1
         return [int(k) for k in levels]
 
+    def _spaced_times(self, num_inference_steps: int) -> list[float]:
+        """diffusers' DDIMScheduler levels for ``timestep_spacing``; each step jumps ``N // num_inference_steps``."""
+        n_train = self.config.num_train_timesteps
+        levels = self._spaced_levels(num_inference_steps)
+        self._jump = n_train // num_inference_steps
+        return [k / (n_train - 1) for k in levels]
+
     def _custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
-        """Continuous times of user-given model timesteps (integers in ``[0, N - 1]`` for ``ddpm`` model time)."""
-        levels = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
-        if levels.numel() < 1 or not bool(torch.all(levels[1:] < levels[:-1])):
-            raise ValueError(f"timesteps must be a non-empty, strictly decreasing sequence; got {levels.tolist()}.")
+        """Continuous times of user-given model timesteps (integers in ``[0, N - 1]`` for ``ddpm`` model time);
+        each step lands on the next one, the last on the clean data (``set_alpha_to_one``) or ``alpha_bar(0)``."""
+        times = super()._custom_times(timesteps)
         if self.time_input == "ddpm":
+            levels = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
             last = self.config.num_train_timesteps - 1
             if not bool(torch.all(levels == levels.round())) or levels[0] > last or levels[-1] < 0:
                 raise ValueError(
                     f"timesteps must be integers in [0, {last}] (the model's training levels); got {levels.tolist()}."
                 )
-        return from_model_time(self.sde, levels, self.time_input).tolist()
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: Sequence[float] | torch.Tensor | None = None,
-    ) -> None:
-        """Choose the levels to visit and reset all sampler state.
-
-        Args:
-            num_inference_steps: number of steps; the integer levels follow ``timestep_spacing`` exactly as in
-                diffusers' ``DDIMScheduler``, and ``timesteps`` is an int64 tensor for ``ddpm`` model time.
-            device: where ``timesteps`` live.
-            timesteps: the levels instead, in the model's timestep units, strictly decreasing; each step lands on
-                the next one, the last on the clean data (``set_alpha_to_one``) or ``alpha_bar(0)``.
-        """
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps and timesteps.")
-        if timesteps is not None:
-            times = self._custom_times(timesteps)
-            self._jump = None
-        else:
-            n_train = self.config.num_train_timesteps
-            times = [k / (n_train - 1) for k in self._spaced_levels(num_inference_steps)]
-            self._jump = n_train // num_inference_steps
-        self.num_inference_steps = len(times)
-        self._eval_times = self._plan(times)
-        self.timesteps = self._model_timesteps(torch.tensor(self._eval_times, dtype=torch.float64)).to(device)
-        self._step_index = None
-        self._begin_index = None
-
-    def _model_timesteps(self, eval_times: torch.Tensor) -> torch.Tensor:
-        """Integer (int64) timesteps for ``ddpm`` model time, as diffusers' DDIM; float32 model units otherwise."""
-        if self.time_input == "ddpm":
-            return torch.round(eval_times * (self.config.num_train_timesteps - 1)).to(torch.int64)
-        return to_model_time(self.sde, eval_times, self.time_input).to(torch.float32)
+        self._jump = None
+        return times
 
     # -- the update ---------------------------------------------------------------------------------------
 
