@@ -35,6 +35,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "TIME_INPUTS",
     "check_choice",
+    "compose_model_output",
     "convert_model_output",
     "from_model_time",
     "model_output_to",
@@ -103,6 +104,15 @@ def convert_model_output(
     if from_type == to_type and output.shape == sample.shape:
         return output.to(alpha.dtype if torch.is_tensor(alpha) else compute_dtype(sample.dtype))
     x0, eps = split_model_output(output, sample, alpha, sigma, from_type)
+    return compose_model_output(x0, eps, alpha, sigma, to_type)
+
+
+def compose_model_output(
+    x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor | float, sigma: torch.Tensor | float, to_type: str
+) -> torch.Tensor:
+    """The exact output of ``to_type`` for the pair ``(x_0, eps)`` of the kernel ``x_t = alpha x_0 + sigma eps``
+    (a training target, or the last half of a conversion)."""
+    check_choice("to_type", to_type, PREDICTION_TYPES)
     if to_type == "epsilon":
         return eps
     if to_type == "sample":
