@@ -57,6 +57,8 @@ def test_presets_load_and_flags_override(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"learning_rat": 0.1}))
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(bad)])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--push_to_hub"])  # needs --hub_model_id
 
 
 @pytest.mark.parametrize(
@@ -80,7 +82,7 @@ def test_smoke_run_writes_a_loadable_pipeline(tmp_path: Path, flags: list[str]) 
     assert type(pipe.scheduler) is train.sdekit.get_sampler_class(sampler)
     images = pipe(batch_size=2, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 8, 8, 1)
-    assert (out / "samples.png").is_file()
+    assert (out / "samples.png").is_file() and "sdekit" in (out / "README.md").read_text()
 
 
 def test_resume_after_a_kill_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,7 +30,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checkpoints import TrainingState, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from data import EMBEDDED_DATASET, ImageTransform, TrainingImages, load_images  # noqa: E402
+from publish import push_folder, save_pipeline, write_model_card  # noqa: E402
 
 import sdekit  # noqa: E402
 from sdekit.losses import DenoisingLoss  # noqa: E402
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=2)
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    a("--push_to_hub", action="store_true", help="upload the output folder (without checkpoints) to the Hub")
+    a("--hub_model_id", default=None, help="the Hub repository, e.g. your-name/sdekit-digits")
+    a("--hub_private_repo", action="store_true")
     a("--report_to", default="tensorboard", help="an accelerate tracker, or 'none'")
     a("--logging_dir", default="logs")
     a("--seed", type=int, default=0)
@@ -150,6 +154,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 parser.error(f"{path}: unknown setting {key!r}{hint}")
         parser.set_defaults(**preset)
     args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/sdekit-digits)")
     if args.gradient_accumulation_steps < 1 or args.train_batch_size < 1:
         parser.error("--gradient_accumulation_steps and --train_batch_size must be >= 1")
     if args.max_train_steps is None and args.num_epochs is None:
@@ -384,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ranks.write_text(json.dumps({"global_step": global_step, "parameter_sum": fingerprint}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish(accelerator, unet, ema, scheduler, args, output_dir)
+        finish(accelerator, unet, ema, scheduler, args, output_dir, source)
     accelerator.end_training()
     return output_dir
 
@@ -426,14 +432,27 @@ def finish(
     scheduler: sdekit.SDEScheduler,
     args: argparse.Namespace,
     output_dir: Path,
+    source: str,
 ) -> None:
-    """Write a sample grid and the pipeline folder (``model_index.json``, ``unet/`` in safetensors, the sdekit
-    ``scheduler/``) that ``DiffusionPipeline.from_pretrained(output_dir)`` loads."""
+    """Write a sample grid, the pipeline folder that ``DiffusionPipeline.from_pretrained(output_dir)`` loads and
+    its model card; push the folder with ``--push_to_hub``."""
     model = _eval_unet(accelerator, unet, ema)
-    save_grid(
-        sample(model, scheduler, args.num_sample_images, args.sample_steps, args.seed), output_dir / "samples.png"
+    grid = sample(model, scheduler, args.num_sample_images, args.sample_steps, args.seed)
+    save_grid(grid, output_dir / "samples.png")
+    save_pipeline(output_dir, model.cpu(), scheduler)
+    local = {"output_dir", "cache_dir", "config", "train_data_dir", "logging_dir", "resume_from_checkpoint"}
+    write_model_card(
+        output_dir,
+        sde=args.sde,
+        objective=args.objective,
+        dataset=args.dataset_name or (Path(args.train_data_dir).name if args.train_data_dir else source),
+        hyperparameters={k: v for k, v in vars(args).items() if k not in local},
+        sample_grid=output_dir / "samples.png",
+        hub_model_id=args.hub_model_id,
+        sampler=args.sampler,
     )
-    DDPMPipeline(unet=model.cpu(), scheduler=scheduler).save_pretrained(output_dir, safe_serialization=True)
+    if args.push_to_hub:
+        push_folder(output_dir, args.hub_model_id, private=args.hub_private_repo)
 
 
 if __name__ == "__main__":
