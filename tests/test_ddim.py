@@ -24,16 +24,9 @@ from sdekit.testing import (
 )
 from sdekit_ddim import DDIMSDEScheduler
 
+from conftest import float64_table
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def _float64_table(scheduler: DDIMScheduler | DDPMScheduler) -> DDIMScheduler | DDPMScheduler:
-    """Give a diffusers scheduler the float64 cumulative product of its own betas."""
-    scheduler.alphas_cumprod = torch.cumprod(1 - scheduler.betas.to(torch.float64), dim=0)
-    if isinstance(scheduler, DDIMScheduler):
-        one = torch.tensor(1.0, dtype=torch.float64)
-        scheduler.final_alpha_cumprod = one if scheduler.config.set_alpha_to_one else scheduler.alphas_cumprod[0]
-    return scheduler
 
 
 class _LinearModel:
@@ -81,7 +74,7 @@ def test_reproduces_diffusers_ddim(spacing: str, prediction_type: str) -> None:
             steps_offset=offset,
         )
         step_kwargs = dict(eta=eta, use_clipped_model_output=clipped_output)
-        ref, ref_steps, ref_gen = _loop(_float64_table(DDIMScheduler(**config)), steps, **step_kwargs)
+        ref, ref_steps, ref_gen = _loop(float64_table(DDIMScheduler(**config)), steps, **step_kwargs)
         ours, our_steps, our_gen = _loop(DDIMSDEScheduler(**config), steps, **step_kwargs)
         where = f"{config}, steps={steps}, {step_kwargs}"
         assert our_steps.dtype == torch.int64 and torch.equal(our_steps, ref_steps), where
@@ -91,11 +84,11 @@ def test_reproduces_diffusers_ddim(spacing: str, prediction_type: str) -> None:
 
 
 def test_config_eta_and_per_call_override() -> None:
-    ref, _, _ = _loop(_float64_table(DDIMScheduler(clip_sample=False)), 20, eta=0.5)
+    ref, _, _ = _loop(float64_table(DDIMScheduler(clip_sample=False)), 20, eta=0.5)
     from_config, _, _ = _loop(DDIMSDEScheduler(eta=0.5), 20)
     overridden, _, _ = _loop(DDIMSDEScheduler(eta=0.0), 20, eta=0.5)
     deterministic, _, _ = _loop(DDIMSDEScheduler(eta=0.5), 20, eta=0.0)
-    ref_deterministic, _, _ = _loop(_float64_table(DDIMScheduler(clip_sample=False)), 20, eta=0.0)
+    ref_deterministic, _, _ = _loop(float64_table(DDIMScheduler(clip_sample=False)), 20, eta=0.0)
     assert torch.allclose(from_config, ref, rtol=0, atol=1e-6)
     assert torch.allclose(overridden, ref, rtol=0, atol=1e-6)
     assert torch.allclose(deterministic, ref_deterministic, rtol=0, atol=1e-6)
@@ -106,7 +99,7 @@ def test_use_clipped_model_output_rederives_the_noise() -> None:
     config = dict(clip_sample=True, clip_sample_range=0.5)
     plain, _, _ = _loop(DDIMSDEScheduler(**config), 10)
     clipped, _, _ = _loop(DDIMSDEScheduler(**config), 10, use_clipped_model_output=True)
-    ref, _, _ = _loop(_float64_table(DDIMScheduler(**config)), 10, use_clipped_model_output=True)
+    ref, _, _ = _loop(float64_table(DDIMScheduler(**config)), 10, use_clipped_model_output=True)
     assert (plain - clipped).abs().max() > 1e-2
     assert torch.allclose(clipped, ref, rtol=0, atol=1e-6)
 
@@ -122,7 +115,7 @@ def test_eta_one_over_all_levels_is_ddpm(prediction_type: str, clip: bool) -> No
     further on.
     """
     config = dict(prediction_type=prediction_type, clip_sample=clip)
-    ref_scheduler = _float64_table(DDPMScheduler(**config))
+    ref_scheduler = float64_table(DDPMScheduler(**config))
     ref, ref_steps, ref_gen = _loop(ref_scheduler, 1000)
     ours, our_steps, our_gen = _loop(DDIMSDEScheduler(eta=1.0, **config), 1000, use_clipped_model_output=True)
     assert torch.equal(our_steps, ref_steps)
@@ -134,7 +127,7 @@ def test_eta_one_over_all_levels_is_ddpm(prediction_type: str, clip: bool) -> No
 def test_custom_timesteps_step_to_the_next_entry() -> None:
     """With custom timesteps each step lands on the next one: at eta = 1 that is DDPMScheduler's custom loop."""
     levels = [999, 700, 420, 200, 55, 3]
-    ref, ref_steps, _ = _loop(_float64_table(DDPMScheduler(clip_sample=False)), None, timesteps=levels)
+    ref, ref_steps, _ = _loop(float64_table(DDPMScheduler(clip_sample=False)), None, timesteps=levels)
     ours, our_steps, _ = _loop(DDIMSDEScheduler(eta=1.0), None, timesteps=levels)
     assert our_steps.dtype == torch.int64 and our_steps.tolist() == levels == ref_steps.tolist()
     assert torch.allclose(ours, ref, rtol=0, atol=1e-6)
@@ -183,7 +176,7 @@ def test_from_config_reproduces_the_schedule(source: DDIMScheduler | DDPMSchedul
     table = ours.sde.alpha_bar(torch.arange(n, dtype=torch.float64) / (n - 1))
     assert torch.allclose(table, reference.alphas_cumprod.to(torch.float64), rtol=1e-5, atol=0)
     x_ours, steps_ours, _ = _loop(ours, 25)
-    x_ref, steps_ref, _ = _loop(_float64_table(reference), 25)
+    x_ref, steps_ref, _ = _loop(float64_table(reference), 25)
     assert torch.equal(steps_ours, steps_ref)
     assert torch.allclose(x_ours, x_ref, rtol=0, atol=1e-6)
 
