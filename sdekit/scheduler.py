@@ -40,7 +40,7 @@ from .parametrization import (
     split_model_output,
     to_model_time,
 )
-from .registry import get_sde, registered_name
+from .registry import get_sampler_class, get_sde, list_plugins, registered_name
 from .sde import SDE, TimeLike, broadcast_time, compute_dtype
 
 __all__ = ["COMMON_CONFIG", "SDEScheduler", "SDESchedulerOutput", "prior_std"]
@@ -211,6 +211,18 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
                 if "correct_steps" in config:
                     config["corrector_steps"] = config.pop("correct_steps")
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def _get_compatibles(cls) -> list[type]:
+        """diffusers' schedulers in ``_compatibles`` and every usable sdekit sampler plugin.
+
+        diffusers moves a config between compatible classes quietly: settings that only another compatible class
+        takes (``pc``'s ``snr`` given to ``ddim``) are neither passed nor warned about, and stay in the config for
+        the way back. It finds compatibles by name in the ``diffusers`` module only, so sdekit adds its plugins
+        here; ``pipe.scheduler.compatibles`` lists them all.
+        """
+        plugins = [get_sampler_class(p.name) for p in list_plugins(kind="sampler") if p.status == "ok"]
+        return [*super()._get_compatibles(), *plugins]
 
     # -- the diffusers scheduler interface ----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from sdekit.registry import (
     API_VERSION,
@@ -31,6 +32,7 @@ from sdekit.registry import (
     validate_plugin,
 )
 from sdekit.sde import SDE
+from sdekit_ddim import DDIMSDEScheduler
 
 TEST_DIST = "sdekit-testplugins"
 EXTRA_DIST = "sdekit-extra-plugins"
@@ -362,3 +364,18 @@ def test_loaded_scheduler_samples() -> None:
         model_input = scheduler.scale_model_input(x, t)
         x = scheduler.step(t * model_input / (s**2 + t**2), t, x).prev_sample
     assert abs(x.std().item() - s) < 0.03
+
+
+def test_switching_samplers_keeps_the_other_samplers_settings_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """As between diffusers' own schedulers: ``pc``'s settings mean nothing to ``ddim``, are not warned about, and
+    come back when the config returns to ``pc``."""
+    pc = load_scheduler("pc", DDPMScheduler().config, corrector="none", snr=0.2)
+    assert {DDIMSDEScheduler, DDPMScheduler, type(pc)} <= set(pc.compatibles)
+    caplog.clear()
+    ddim = load_scheduler("ddim", pc.config, eta=0.5)
+    back = load_scheduler("pc", ddim.config)
+    assert "were passed to" not in caplog.text
+    assert ddim.config.eta == 0.5 and (back.config.corrector, back.config.snr) == ("none", 0.2)
+    # A key that no compatible scheduler takes still gets diffusers' warning.
+    load_scheduler("ddim", {**pc.config, "no_such_setting": 1})
+    assert "{'no_such_setting': 1} were passed to DDIMSDEScheduler" in caplog.text
