@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up sdekit's environment and run a job in it.
-#   ./dev.sh demo    the main job on the embedded default
+#   ./dev.sh demo    the main job: train the embedded default briefly, sample it with every built-in sampler
 #   ./dev.sh test    the test suite (what CI runs)
 # The environment is .venv (or $SDEKIT_VENV). Where it has no torch, the pinned CPU build is installed
 # ($SDEKIT_TORCH, default torch==2.13.0); an existing torch is kept.
@@ -32,6 +32,6 @@ fi
 
 export HF_HUB_OFFLINE=1
 case "$job" in
-  demo) exec "$venv/bin/sdekit" demo "$@" ;;
+  demo) exec "$py" training/demo.py "$@" ;;
   test) exec "$py" -m pytest -q "$@" ;;
 esac

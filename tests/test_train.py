@@ -138,6 +138,28 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, mon
     assert sorted(_losses(out)) == [1, 2, 3, 4]
 
 
+def test_mixed_precision_trains_in_bf16_and_refuses_fp16_on_the_cpu(tmp_path: Path) -> None:
+    common = [*TINY, "--max_train_steps", "3", "--checkpointing_steps", "0"]
+    train.main([*common, "--output_dir", str(tmp_path / "fp32"), "--mixed_precision", "no"])
+    AcceleratorState._reset_state(True)
+    train.main([*common, "--output_dir", str(tmp_path / "bf16"), "--mixed_precision", "bf16"])
+    fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
+    # bf16 autocast really ran (the losses move by its rounding) and trained the same model (they stay close).
+    assert fp32 != bf16 and bf16.keys() == fp32.keys()
+    assert all(abs(bf16[k] - fp32[k]) < 0.05 * fp32[k] for k in fp32)
+    weights = load_file(tmp_path / "bf16" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # fp32 master weights
+    assert "| mixed_precision | bf16 |" in (tmp_path / "bf16" / "README.md").read_text()
+    AcceleratorState._reset_state(True)
+    fp16 = [*common, "--output_dir", str(tmp_path / "fp16"), "--mixed_precision", "fp16"]
+    if torch.cuda.is_available():
+        train.main(fp16)
+        assert len(_losses(tmp_path / "fp16")) == 3
+    else:  # accelerate would silently train in float32 here
+        with pytest.raises(train.UsageError, match="fp16 needs a GPU"):
+            train.main(fp16)
+
+
 def test_learning_rate_schedule_counts_optimizer_steps(tmp_path: Path) -> None:
     out = tmp_path / "out"
     train.main([

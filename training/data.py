@@ -167,6 +167,10 @@ class TrainingImages(torch.utils.data.Dataset):
             flip = bool(torch.rand((), generator=gen) < 0.5)
         return self.transform(self.images[index], flip)
 
+    def tensor(self) -> torch.Tensor:
+        """Every image of the current epoch, stacked: ``(len(self), C, H, W)`` in ``[-1, 1]``."""
+        return torch.stack([self[i] for i in range(len(self))])
+
 
 def _image_column(dataset: datasets.Dataset) -> str:
     for name, feature in dataset.features.items():

@@ -9,7 +9,8 @@
   hyperparameters (never a token), the sample grid and a usage snippet.
 * :func:`push_folder` creates the repo and uploads the folder in one commit, without training checkpoints or
   staging folders. Network and authentication failures raise :class:`PushError`, which says that the local output
-  is intact and how to retry; the token appears in no message.
+  is intact and how to retry; the token appears in no message. :func:`create_hub_repo` makes the repo up front, so
+  the trainer reports a token or network problem before it trains (:class:`HubError`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
     "PIPELINE_ENTRIES",
+    "HubError",
     "PushError",
+    "create_hub_repo",
     "push_folder",
     "recover_pipeline",
     "save_pipeline",
@@ -301,7 +304,12 @@ def _card_body(
 # -- pushing ------------------------------------------------------------------------------------------------
 
 
-class PushError(RuntimeError):
+class HubError(RuntimeError):
+    """Talking to the Hub failed: no token, a rejected token, or a network or server failure. The message says why
+    and what to do; the token appears in no message."""
+
+
+class PushError(HubError):
     """Pushing to the Hub failed; the local output is intact. The message says why and how to retry.
 
     Attributes:
@@ -317,6 +325,36 @@ class PushError(RuntimeError):
             f"The local output is intact at {output_dir}. To retry, run\n    {retry_command}\n"
             "with HF_TOKEN set or after `hf auth login`."
         )
+
+
+_NO_TOKEN = "no Hugging Face token found. Set HF_TOKEN, run `hf auth login`, or pass a token."
+
+
+def create_hub_repo(hub_model_id: str, *, token: str | None = None, private: bool = False) -> str:
+    """Create the Hub repo ``hub_model_id`` if it does not exist yet, and return its full id.
+
+    The trainer calls this before it trains, so that a missing or rejected token, or an unreachable Hub, is reported
+    in seconds rather than after the run. The token is resolved as in :func:`push_folder`.
+
+    Args:
+        hub_model_id: ``"name"`` (in the token owner's namespace) or ``"namespace/name"``.
+        token: a Hub token, default ``None`` (``HF_TOKEN``, then the login cache).
+        private: create the repo private, default ``False`` (an existing repo keeps its visibility).
+
+    Returns:
+        The repo id, ``"namespace/name"``.
+
+    Raises:
+        HubError: no token was found, the Hub rejected it, or the network or the Hub failed.
+    """
+    secret = token if token is not None else get_token()
+    if not secret:
+        raise HubError(f"cannot create the Hub repo {hub_model_id}: {_NO_TOKEN}")
+    try:
+        return HfApi(token=secret).create_repo(hub_model_id, private=private, exist_ok=True).repo_id
+    except (httpx2.HTTPError, OSError) as err:
+        reason = _describe(err).replace(secret, "***")
+        raise HubError(f"cannot create the Hub repo {hub_model_id}: {reason}") from _chained(err, secret)
 
 
 def push_folder(
@@ -356,12 +394,7 @@ def push_folder(
     retry = _retry_command(output_dir, hub_model_id, ignore, commit_message, private)
     secret = token if token is not None else get_token()
     if not secret:
-        raise PushError(
-            "no Hugging Face token found. Set HF_TOKEN, run `hf auth login`, or pass a token.",
-            output_dir,
-            hub_model_id,
-            retry,
-        )
+        raise PushError(_NO_TOKEN, output_dir, hub_model_id, retry)
     api = HfApi(token=secret)
     logger.info("pushing %s to the Hub repo %s", output_dir, hub_model_id)
     try:
@@ -371,9 +404,14 @@ def push_folder(
         )
     except (httpx2.HTTPError, OSError) as err:
         reason = _describe(err).replace(secret, "***")
-        raise PushError(reason, output_dir, hub_model_id, retry) from (None if secret in str(err) else err)
+        raise PushError(reason, output_dir, hub_model_id, retry) from _chained(err, secret)
     logger.info("pushed %s as commit %s", repo_id, info.oid)
     return info
+
+
+def _chained(err: BaseException, secret: str) -> BaseException | None:
+    """The cause to chain to a Hub error: ``err``, unless its text would show the token."""
+    return None if secret in str(err) else err
 
 
 def _describe(err: BaseException) -> str:

@@ -19,7 +19,6 @@ import argparse
 import difflib
 import json
 import logging
-import math
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,20 +28,20 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checkpoints import TrainingState, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from data import EMBEDDED_DATASET, ImageTransform, TrainingImages, load_images  # noqa: E402
-from publish import push_folder, save_pipeline, write_model_card  # noqa: E402
-
 import sdekit  # noqa: E402
 from sdekit.losses import DenoisingLoss  # noqa: E402
+
+from checkpoints import TrainingState, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from data import EMBEDDED_DATASET, ImageTransform, TrainingImages, load_images  # noqa: E402
+from evaluate import sample, save_grid  # noqa: E402
+from publish import HubError, create_hub_repo, push_folder, save_pipeline, write_model_card  # noqa: E402
 
 logger = logging.getLogger("sdekit.train")
 
@@ -74,6 +73,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+class UsageError(ValueError):
+    """A setting that cannot work on this machine or with these inputs; the message says what to change."""
+
+
 # -- arguments --------------------------------------------------------------------------------------------
 
 
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset_name", default=None, help="a Hub dataset (offline: must be cached)")
     a("--dataset_config_name", default=None)
     a("--train_data_dir", default=None, help="an image folder (read with datasets' imagefolder)")
+    a("--image_column", default=None, help="the dataset column holding the images (default: found by type)")
     a("--cache_dir", default=None)
     a("--resolution", type=int, default=16)
     a("--center_crop", action=argparse.BooleanOptionalAction, default=True)
@@ -107,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ema_inv_gamma", type=float, default=1.0)
     a("--ema_power", type=float, default=3 / 4)
     a("--ema_max_decay", type=float, default=0.9999)
-    a("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    a(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="default: what `accelerate launch` / `accelerate config` says, else no",
+    )
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=2)
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
@@ -137,14 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_preset(config: str) -> Path | None:
+    """``config`` as a YAML file, else the shipped preset of that name (``default``, ``cifar10_ve.yaml``, ...)."""
+    for path in (Path(config), CONFIG_DIR / Path(config).name, CONFIG_DIR / f"{Path(config).name}.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags over the ``--config`` preset over the defaults; unknown preset keys are an error."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        path = Path(first.config)
-        if not path.exists() and (CONFIG_DIR / path.name).exists():
-            path = CONFIG_DIR / path.name
+        path = resolve_preset(first.config)
+        if path is None:
+            presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            parser.error(f"--config {first.config}: no such file, nor a shipped preset ({presets})")
         preset = yaml.safe_load(path.read_text()) or {}
         known = {action.dest for action in parser._actions}
         for key in preset:
@@ -187,7 +205,7 @@ def build_unet(args: argparse.Namespace, channels: int, time_input: str) -> UNet
     if args.model_config:
         return UNet2DModel.from_config(json.loads(Path(args.model_config).read_text()))
     if args.model not in MODEL_PRESETS:
-        raise ValueError(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {args.model!r}.")
+        raise UsageError(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {args.model!r}.")
     fourier = {"time_embedding_type": "fourier", "flip_sin_to_cos": True} if time_input == "sigma" else {}
     return UNet2DModel(
         sample_size=args.resolution, in_channels=channels, out_channels=channels, **MODEL_PRESETS[args.model], **fourier
@@ -212,35 +230,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.size
 
 
-def save_grid(images: torch.Tensor, path: Path) -> Image.Image:
-    """Save samples in ``[-1, 1]`` (``(B, C, H, W)``) as a square PNG grid and return it."""
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    b, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
-    for i in range(b):
-        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = images[i]
-    array = grid.permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[..., 0] if c == 1 else array)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
-    return picture
-
-
-@torch.no_grad()
-def sample(unet: UNet2DModel, scheduler: sdekit.SDEScheduler, n: int, steps: int, seed: int) -> torch.Tensor:
-    """``n`` samples with ``scheduler`` (the loop a diffusers pipeline runs)."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    x = torch.randn(shape, generator=gen).to(unet.device) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        out = unet(scheduler.scale_model_input(x, t), t.to(unet.device)).sample
-        x = scheduler.step(out, t, x, generator=gen).prev_sample
-    return x
-
-
 # -- training -----------------------------------------------------------------------------------------
 
 
@@ -261,13 +250,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
         ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args.mixed_precision = accelerator.mixed_precision  # the one in effect, for the logs and the model card
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would silently train in float32: say so instead.
+        raise UsageError("--mixed_precision fp16 needs a GPU (on the CPU accelerate ignores it); use bf16 or no.")
+    if args.push_to_hub:
+        check_hub_repo(accelerator, args)
 
     # Data: the embedded digits are grayscale; other sources default to RGB.
     source = args.dataset_name or args.train_data_dir or EMBEDDED_DATASET
     channels = args.channels or (1 if source == EMBEDDED_DATASET else 3)
     raw = load_images(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, channels)
-    images = TrainingImages(raw, transform, skip_bad_images=args.skip_bad_images, seed=args.seed)
+    images = TrainingImages(
+        raw, transform, column=args.image_column, skip_bad_images=args.skip_bad_images, seed=args.seed
+    )
     if images.skipped:
         logger.warning("skipped %d unreadable images: %s", len(images.skipped), ", ".join(images.skipped[:10]))
     sampler = EpochSampler(len(images), args.seed)
@@ -395,6 +392,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return output_dir
 
 
+def check_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Create the ``--hub_model_id`` repo before training (main process), so that a missing token or an unreachable
+    Hub stops every process now instead of after the run. Raises :class:`publish.HubError` on every process."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            create_hub_repo(args.hub_model_id, private=args.hub_private_repo)
+        except HubError as err:
+            problem = str(err)
+    problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise HubError(problem)
+
+
 def _eval_unet(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAModel | None) -> UNet2DModel:
     """A copy of the model with the EMA weights (or the trained ones) for sampling and saving."""
     model = accelerator.unwrap_model(unet)
@@ -456,4 +467,7 @@ def finish(
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (HubError, UsageError) as err:  # a clear message, not a traceback: the output (if any) is intact
+        sys.exit(f"train.py: error: {err}")
