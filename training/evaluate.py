@@ -141,10 +141,6 @@ def data_floor(train: torch.Tensor, heldout: torch.Tensor, seed: int = 0) -> flo
     return frechet_distance(train[pick], heldout)
 
 
-def _scheduler(pipe: DDPMPipeline, run: SamplerRun) -> SchedulerMixin:
-    return sdekit.load_scheduler(run.sampler, pipe.scheduler.config, **run.options)
-
-
 def evaluate(
     pipe: DDPMPipeline,
     heldout: torch.Tensor,
@@ -180,9 +176,9 @@ def evaluate(
         for run in runs:
             start = time.perf_counter()
             if run.sampler == "sample_ode":
-                samples, nfe = _sample_ode(pipe, run, n, seed)
+                samples, nfe = _sample_ode(pipe.unet, original, run, n, seed)
             else:
-                pipe.scheduler = _scheduler(pipe, run)
+                pipe.scheduler = sdekit.load_scheduler(run.sampler, original.config, **run.options)
                 if run.sampler == "analytic-dpm":
                     _estimate_gamma(pipe, run, gamma_data, seed)
                 samples = _sample(pipe, n, run.steps, seed)
@@ -204,10 +200,11 @@ def _sample(pipe: DDPMPipeline, n: int, steps: int, seed: int) -> torch.Tensor:
     return sample(pipe.unet, pipe.scheduler, n, steps, seed).clamp(-1, 1)
 
 
-def _sample_ode(pipe: DDPMPipeline, run: SamplerRun, n: int, seed: int) -> tuple[torch.Tensor, int]:
-    config = pipe.scheduler.config
-    scheduler = sdekit.load_scheduler("pf-ode", config)  # the SDE, time input and parametrization of the model
-    unet = pipe.unet
+def _sample_ode(
+    unet: UNet2DModel, reference: SchedulerMixin, run: SamplerRun, n: int, seed: int
+) -> tuple[torch.Tensor, int]:
+    # The pipeline's scheduler gives the model's SDE, time input and parametrization.
+    scheduler = sdekit.load_scheduler("pf-ode", reference.config)
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     with torch.no_grad():
         result = sdekit.sample_ode(
