@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite's tensors are tiny: one thread avoids thread start-up costs that dominate them on 2 cores.
@@ -63,6 +63,21 @@ def float64_table(scheduler: DDIMScheduler | DDPMScheduler) -> DDIMScheduler | D
         one = torch.tensor(1.0, dtype=torch.float64)
         scheduler.final_alpha_cumprod = one if scheduler.config.set_alpha_to_one else scheduler.alphas_cumprod[0]
     return scheduler
+
+
+def tiny_unet(channels: int = 3, seed: int = 0, sample_size: int = 8) -> UNet2DModel:
+    """A two-level ``UNet2DModel`` of 8 and 16 channels, seeded, in eval mode: a real network that costs nothing."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
 
 
 TESTS = Path(__file__).parent

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdekit
@@ -24,6 +24,8 @@ from sdekit.testing import GaussianMixture, epsilon_oracle, frechet_distance
 from sdekit_analytic_dpm import AnalyticDPMScheduler
 from sdekit_analytic_dpm.trajectory import even_levels, optimal_levels, quadratic_levels
 from sdekit_ddim import DDIMSDEScheduler
+
+from conftest import tiny_unet
 
 N = 1000
 
@@ -419,18 +421,6 @@ def test_bound_optimal_trajectory_and_analytic_variance(gammas: dict[str, list[f
 # -- pipelines, saving, host syncs ------------------------------------------------------------------------------------
 
 
-def _unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
 class _NoHostSync(TorchDispatchMode):
     """Fails on any op that reads a tensor's value on the host (.item(), bool(t), float(t), .tolist())."""
 
@@ -443,7 +433,7 @@ class _NoHostSync(TorchDispatchMode):
 def test_runs_in_unmodified_diffusers_pipelines_and_round_trips_gamma(tmp_path) -> None:
     gamma = torch.linspace(0.02, 0.999, N).tolist()
     gamma[17] = None  # not estimated: saved as null
-    pipe = DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler())
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler())
     pipe.scheduler = sdekit.load_scheduler("analytic-dpm", pipe.scheduler.config, gamma=gamma, trajectory="quadratic")
     pipe.set_progress_bar_config(disable=True)
     calls = []
@@ -465,7 +455,7 @@ def test_runs_in_unmodified_diffusers_pipelines_and_round_trips_gamma(tmp_path) 
     np.testing.assert_allclose(again.images, out.images, atol=1e-6)
 
     # DDIMPipeline passes eta=0 to every step: Analytic-DDIM.
-    ddim = DDIMPipeline(unet=_unet(), scheduler=DDIMScheduler())
+    ddim = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())
     ddim.scheduler = sdekit.load_scheduler("analytic-dpm", ddim.scheduler.config, gamma=gamma)
     ddim.set_progress_bar_config(disable=True)
     images = ddim(batch_size=1, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")

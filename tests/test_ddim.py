@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
 
 import sdekit
 from sdekit.testing import (
@@ -24,7 +24,7 @@ from sdekit.testing import (
 )
 from sdekit_ddim import DDIMSDEScheduler
 
-from conftest import float64_table
+from conftest import float64_table, tiny_unet
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -183,15 +183,7 @@ def test_from_config_reproduces_the_schedule(source: DDIMScheduler | DDPMSchedul
 
 def test_stock_diffusers_pipeline_agrees_to_float32_precision() -> None:
     """In an unmodified DDIMPipeline (float32, stock float32 table) the two schedulers agree closely."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    unet = tiny_unet()
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     images = {}

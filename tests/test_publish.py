@@ -24,25 +24,12 @@ from sdekit.testing.hub_server import HubServer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
 
+from conftest import tiny_unet  # noqa: E402
 from publish import PushError, push_folder, recover_pipeline, save_pipeline, write_model_card  # noqa: E402
 
 TOKEN = "hf_test_secret_5b1e9c"
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 PIPELINE_FILES = {"model_index.json", "unet/config.json", WEIGHTS, "scheduler/scheduler_config.json"}
-
-
-def _unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -56,7 +43,7 @@ def _stats(folder: Path) -> dict[str, tuple[int, int]]:
 def _training_output(tmp_path: Path) -> Path:
     """A trainer's output folder: the pipeline, its card and grid, checkpoints, a staging folder and logs."""
     out = tmp_path / "output"
-    save_pipeline(out, _unet(), sdekit.load_scheduler("ddim"))
+    save_pipeline(out, tiny_unet(1), sdekit.load_scheduler("ddim"))
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(out / "samples.png")
     write_model_card(
         out,
@@ -100,7 +87,7 @@ def test_saved_pipeline_loads_and_samples_and_keeps_other_content(tmp_path: Path
     out = tmp_path / "output"
     (out / "checkpoint-5").mkdir(parents=True)
     (out / "checkpoint-5" / "optimizer.bin").write_bytes(b"state")
-    unet, scheduler = _unet(), sdekit.load_scheduler("ddim")
+    unet, scheduler = tiny_unet(1), sdekit.load_scheduler("ddim")
     assert save_pipeline(out, unet, scheduler) == out
     assert set(_files(out)) == PIPELINE_FILES | {"checkpoint-5/optimizer.bin"}  # no staging leftovers
     pipe = DiffusionPipeline.from_pretrained(out)
@@ -114,7 +101,7 @@ def test_saved_pipeline_loads_and_samples_and_keeps_other_content(tmp_path: Path
 
 def test_failed_save_leaves_the_previous_pipeline_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "output"
-    save_pipeline(out, _unet(0), sdekit.load_scheduler("ddim"))
+    save_pipeline(out, tiny_unet(1, 0), sdekit.load_scheduler("ddim"))
     (out / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"stale weights from an old save")
     before = _files(out)
     original = UNet2DModel.save_pretrained
@@ -126,12 +113,12 @@ def test_failed_save_leaves_the_previous_pipeline_intact(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(UNet2DModel, "save_pretrained", broken)
     with pytest.raises(OSError, match="No space left"):
-        save_pipeline(out, _unet(1), sdekit.load_scheduler("pc"))
+        save_pipeline(out, tiny_unet(1, 1), sdekit.load_scheduler("pc"))
     assert _files(out) == before
     assert not list(out.glob(".*"))
 
     monkeypatch.setattr(UNet2DModel, "save_pretrained", original)
-    save_pipeline(out, _unet(1), sdekit.load_scheduler("pc"))
+    save_pipeline(out, tiny_unet(1, 1), sdekit.load_scheduler("pc"))
     after = _files(out)
     assert set(after) == PIPELINE_FILES  # the whole unet/ folder was replaced: no stale .bin
     assert after[WEIGHTS] != before[WEIGHTS]
@@ -144,7 +131,7 @@ class _Killed(BaseException):
 
 def test_a_kill_mid_swap_is_finished_by_recover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "output"
-    save_pipeline(out, _unet(0), sdekit.load_scheduler("ddim"))
+    save_pipeline(out, tiny_unet(1, 0), sdekit.load_scheduler("ddim"))
     calls = []
     rename = Path.rename
 
@@ -155,7 +142,7 @@ def test_a_kill_mid_swap_is_finished_by_recover(tmp_path: Path, monkeypatch: pyt
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", dying_rename)
-    new_unet = _unet(1)
+    new_unet = tiny_unet(1, 1)
     with pytest.raises(_Killed):
         save_pipeline(out, new_unet, sdekit.load_scheduler("pc"))
     monkeypatch.setattr(Path, "rename", rename)
@@ -177,7 +164,7 @@ def test_save_rejects_a_wrapped_model(tmp_path: Path) -> None:
 
 def test_model_card_metadata_body_and_no_token(tmp_path: Path) -> None:
     out = tmp_path / "output"
-    save_pipeline(out, _unet(), sdekit.load_scheduler("ddim"))
+    save_pipeline(out, tiny_unet(1), sdekit.load_scheduler("ddim"))
     grid = tmp_path / "grid.png"
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(grid)
     hyperparameters = {"learning_rate": 1e-4, "train_batch_size": 16, "hub_token": TOKEN, "HF_TOKEN_X": TOKEN}

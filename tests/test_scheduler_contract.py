@@ -14,7 +14,6 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     LDMPipeline,
-    UNet2DModel,
     VQModel,
 )
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
@@ -22,6 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdekit
 from sdekit import load_scheduler
+
+from conftest import tiny_unet
 
 CASES = [
     ("pc", {}),
@@ -36,20 +37,6 @@ CASES = [
     ("analytic-dpm", {"gamma": [0.5] * 1000, "eta": 0.0, "trajectory": "optimal"}),
 ]
 IDS = [name + "".join(f"-{k}" if k == "gamma" else f"-{v}" for k, v in overrides.items()) for name, overrides in CASES]
-
-
-def _unet(channels: int = 3) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 class _CallCounter:
@@ -67,7 +54,7 @@ def case(request: pytest.FixtureRequest) -> tuple[str, dict]:
 
 
 def _ddpm_pipe(name: str, overrides: dict) -> DDPMPipeline:
-    pipe = DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
     pipe.scheduler = load_scheduler(name, pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -93,7 +80,7 @@ def test_ddpm_pipeline_runs_and_calls_the_model_once_per_timestep(case: tuple[st
 
 def test_ddim_and_ldm_pipelines_run(case: tuple[str, dict]) -> None:
     name, overrides = case
-    ddim = DDIMPipeline(unet=_unet(), scheduler=DDIMScheduler())
+    ddim = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())
     ddim.scheduler = load_scheduler(name, ddim.scheduler.config, **overrides)  # after construction: see docs
     ddim.set_progress_bar_config(disable=True)
     images = ddim(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
@@ -111,7 +98,9 @@ def test_ddim_and_ldm_pipelines_run(case: tuple[str, dict]) -> None:
         num_vq_embeddings=16,
         vq_embed_dim=3,
     )
-    ldm = LDMPipeline(vqvae=vqvae, unet=_unet(), scheduler=load_scheduler(name, DDIMScheduler().config, **overrides))
+    ldm = LDMPipeline(
+        vqvae=vqvae, unet=tiny_unet(), scheduler=load_scheduler(name, DDIMScheduler().config, **overrides)
+    )
     ldm.set_progress_bar_config(disable=True)
     images = ldm(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
     assert images.images.shape == (1, 8, 8, 3) and np.isfinite(images.images).all()
@@ -119,7 +108,7 @@ def test_ddim_and_ldm_pipelines_run(case: tuple[str, dict]) -> None:
 
 def test_stable_diffusion_style_loop(case: tuple[str, dict]) -> None:
     name, overrides = case
-    unet = _unet(channels=4)
+    unet = tiny_unet(channels=4)
     scheduler = load_scheduler(
         name, DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config, **overrides
     )
