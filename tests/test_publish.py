@@ -25,7 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
 
 from conftest import tiny_unet  # noqa: E402
-from publish import PushError, push_folder, recover_pipeline, save_pipeline, write_model_card  # noqa: E402
+from publish import (  # noqa: E402
+    HubError,
+    PushError,
+    create_hub_repo,
+    push_folder,
+    recover_pipeline,
+    save_pipeline,
+    write_model_card,
+)
 
 TOKEN = "hf_test_secret_5b1e9c"
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -297,3 +305,19 @@ def test_missing_or_wrong_token_is_a_clear_error(tmp_path: Path, monkeypatch: py
         assert wrong not in repr(caught.value.__cause__)
         assert _commits(server) == 0
     assert _files(out) == before
+
+
+def test_create_hub_repo_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    with HubServer(token=TOKEN) as server, server.configure_client():
+        assert create_hub_repo("tiny-vp", token=TOKEN) == "hub-user/tiny-vp"
+        assert create_hub_repo("hub-user/tiny-vp", token=TOKEN) == "hub-user/tiny-vp"  # exists: fine
+        with pytest.raises(HubError, match="cannot create the Hub repo other: no Hugging Face token found"):
+            create_hub_repo("other")
+        wrong = "hf_wrong_token_1111"
+        with pytest.raises(HubError, match="refused the token") as caught:
+            create_hub_repo("other", token=wrong)
+        assert not isinstance(caught.value, PushError) and wrong not in str(caught.value)
+        assert HfApi(endpoint=server.url).list_repo_files("hub-user/tiny-vp") == [".gitattributes"]
