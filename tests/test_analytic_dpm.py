@@ -9,8 +9,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import warnings
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -354,6 +357,193 @@ def test_estimate_gamma_takes_every_data_form_and_model_output(gammas: dict[str,
         scheduler.config.gamma[:599] == gammas["error"][:599] and scheduler.config.gamma[600:] == gammas["error"][600:]
     )
     assert not torch.allclose(third_step(), before)  # Gamma = 0: the largest variance
+
+
+# -- the first run: Gamma at the trajectory's levels only ------------------------------------------------------------
+
+
+class _Recorder:
+    """Wraps a model and records the timestep of every call (one batch each)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.levels: list[int] = []
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> Any:
+        self.levels.append(int(timestep))
+        return self.model(sample, timestep)
+
+
+@pytest.mark.parametrize(
+    "trajectory, k, levels",
+    [("even", 10, [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]), ("quadratic", 5, [0, 62, 249, 561, 999])],
+)
+def test_missing_gamma_error_names_the_levels_the_call_and_its_cost(trajectory: str, k: int, levels: list[int]) -> None:
+    scheduler = AnalyticDPMScheduler(trajectory=trajectory)
+    with pytest.raises(ValueError, match="has none") as caught:
+        scheduler.set_timesteps(k)
+    message = str(caught.value)
+    assert f"timesteps='trajectory', num_inference_steps={k}), which estimates timesteps={levels}." in message
+    assert (
+        f"That costs {k} levels x 1000 samples = {k * 1000:,} model evaluations, i.e. {k} x ceil(1000 / batch_size) "
+        f"= {k * 10} model calls at batch_size=100; all 1000 levels (timesteps=None) would cost 1,000,000" in message
+    )
+    # The call it names runs as written: it evaluates the model at exactly those levels, 10 batches of 100 each,
+    # and plans the trajectory, so that sampling then works.
+    call = re.search(r"scheduler\.estimate_gamma\(model, data, [^)]*\)", message).group(0)
+    mix = _overlapping_mixture()
+    model = _Recorder(epsilon_oracle(mix, scheduler.sde))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # norm: Monte Carlo values above 1 at high noise are clipped
+        eval(call, {"scheduler": scheduler, "model": model, "data": _data(mix, 1000, 0)})
+    assert Counter(model.levels) == {level: 10 for level in levels}
+    assert [n for n, value in enumerate(scheduler.config.gamma) if value is not None] == levels
+    assert scheduler.timesteps.tolist() == levels[::-1]
+    scheduler.set_timesteps(k)
+    assert scheduler.timesteps.tolist() == levels[::-1]
+
+
+def test_missing_gamma_error_for_given_levels_partial_gamma_and_the_bound() -> None:
+    with pytest.raises(ValueError) as caught:
+        AnalyticDPMScheduler().set_timesteps(timesteps=[999, 500, 3, 0])
+    assert (
+        "only these 4 levels: scheduler.estimate_gamma(model, data, num_samples=1000, timesteps=[0, 3, 500, 999]). "
+        "That costs 4 levels x 1000 samples = 4,000 model evaluations, i.e. 4 x ceil(1000 / batch_size) = 40 model "
+        "calls at batch_size=100" in str(caught.value)
+    )
+    with pytest.raises(ValueError) as caught:
+        AnalyticDPMScheduler(gamma=[0.5] * 500 + [None] * 500).set_timesteps(10)
+    assert (
+        "needs Gamma at timesteps 555, 666, 777, 888, 999, which were not estimated. Estimate it once per model at "
+        "only these 5 levels: scheduler.estimate_gamma(model, data, num_samples=1000, "
+        "timesteps=[555, 666, 777, 888, 999]). That costs 5 levels x 1000 samples = 5,000 model evaluations"
+        in str(caught.value)
+    )
+    baseline = AnalyticDPMScheduler(variance="beta")  # plans without Gamma; the analytic bound needs it
+    baseline.set_timesteps(4)
+    with pytest.raises(ValueError) as caught:
+        baseline.gaussian_steps(variance="analytic")
+    assert "num_inference_steps=4), which estimates timesteps=[0, 333, 666, 999]. That costs 4 levels" in str(
+        caught.value
+    )
+    with pytest.raises(ValueError) as caught:  # too many levels to list: the one-call path alone
+        AnalyticDPMScheduler().set_timesteps(50)
+    assert "timesteps='trajectory', num_inference_steps=50). That costs 50 levels x 1000 samples = 50,000" in str(
+        caught.value
+    )
+
+
+@pytest.mark.parametrize("trajectory, levels", [("even", [0, 333, 666, 999]), ("quadratic", [0, 111, 444, 999])])
+def test_trajectory_timesteps_estimate_exactly_the_levels_the_pipeline_visits(
+    trajectory: str, levels: list[int]
+) -> None:
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler())
+    pipe.scheduler = sdekit.load_scheduler("analytic-dpm", pipe.scheduler.config, trajectory=trajectory)
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[int] = []
+    pipe.unet.register_forward_hook(lambda module, args, output: seen.append(int(args[1])))
+    with pytest.raises(ValueError, match="has none"):
+        pipe(batch_size=2, num_inference_steps=4, output_type="np")
+    data = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained network's Gamma leaves [0, 1]
+        estimate = pipe.scheduler.estimate_gamma(
+            pipe.unet, data, 6, 4, timesteps="trajectory", num_inference_steps=4, show_progress=False
+        )
+    assert Counter(seen) == {level: 2 for level in levels}  # ceil(6 / 4) = 2 calls per level, no other level
+    assert estimate.shape == (4,)
+    assert [n for n, value in enumerate(pipe.scheduler.config.gamma) if value is not None] == levels
+    seen.clear()
+    out = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert seen == levels[::-1] and np.isfinite(out.images).all()
+
+
+def test_trajectory_timesteps_follow_the_last_set_timesteps() -> None:
+    mix = _overlapping_mixture()
+    data = _data(mix, 32, 0)
+    model = _Recorder(epsilon_oracle(mix, AnalyticDPMScheduler().sde))
+    scheduler = AnalyticDPMScheduler(variance="beta", trajectory="quadratic")
+    scheduler.set_timesteps(6)
+    got = scheduler.estimate_gamma(
+        model, data, 32, 32, "trajectory", generator=torch.Generator().manual_seed(0), show_progress=False
+    )
+    assert model.levels == [0, 39, 159, 359, 639, 999]
+    reference = AnalyticDPMScheduler().estimate_gamma(
+        _Recorder(epsilon_oracle(mix, AnalyticDPMScheduler().sde)),
+        data,
+        32,
+        32,
+        [0, 39, 159, 359, 639, 999],
+        generator=torch.Generator().manual_seed(0),
+        show_progress=False,
+    )
+    assert torch.equal(got, reference)
+    assert len(scheduler.gaussian_steps(variance="analytic")) == 6
+    scheduler.set_timesteps(timesteps=[999, 400, 20, 0])
+    model.levels.clear()
+    scheduler.estimate_gamma(model, data, 32, 32, timesteps="trajectory", show_progress=False)
+    assert model.levels == [0, 20, 400, 999]
+
+    # A request that fails forgets the previous one: "trajectory" must not estimate a stale trajectory's levels.
+    analytic = AnalyticDPMScheduler(gamma=scheduler.config.gamma)
+    analytic.set_timesteps(timesteps=[999, 400, 20, 0])
+    with pytest.raises(ValueError, match=r"timesteps 250, 500, 749, which were not estimated"):
+        analytic.set_timesteps(5)
+    model.levels.clear()
+    with pytest.raises(ValueError, match="no trajectory is planned"):
+        analytic.estimate_gamma(model, data, 32, 32, timesteps="trajectory")
+
+    fresh = AnalyticDPMScheduler()
+    with pytest.raises(ValueError, match="no trajectory is planned: pass num_inference_steps=K"):
+        fresh.estimate_gamma(model, data, 32, 32, timesteps="trajectory")
+    with pytest.raises(ValueError, match=r"num_inference_steps=10 only says.*pass timesteps='trajectory' with it"):
+        fresh.estimate_gamma(model, data, 32, 32, num_inference_steps=10)
+    with pytest.raises(ValueError, match=r"timesteps must be None \(all levels\), 'trajectory'.*got 'even'"):
+        fresh.estimate_gamma(model, data, 32, 32, timesteps="even")
+    with pytest.raises(ValueError, match="num_inference_steps must be between 2 and"):
+        fresh.estimate_gamma(model, data, 32, 32, timesteps="trajectory", num_inference_steps=1)
+    assert model.levels == [] and fresh.config.gamma is None
+
+
+def test_trajectory_timesteps_refuse_the_optimal_trajectory() -> None:
+    """The optimal trajectory's levels come from Gamma at every candidate level (Bao et al. 2022, section 4), so
+    they cannot be planned first; the error's remedy, a grid of candidates with both ends, works."""
+    mix = _overlapping_mixture()
+    data = _data(mix, 16, 0)
+    scheduler = AnalyticDPMScheduler(trajectory="optimal")
+    model = _Recorder(epsilon_oracle(mix, scheduler.sde))
+    grid = [*range(0, 999, 10), 999]
+    with pytest.raises(ValueError) as caught:
+        scheduler.estimate_gamma(model, data, 16, 16, timesteps="trajectory", num_inference_steps=10)
+    message = str(caught.value)
+    assert message.startswith("timesteps='trajectory' cannot tell the levels of trajectory='optimal'")
+    assert "section 4" in message and "1000 levels x 16 samples = 16,000 model evaluations" in message
+    assert "timesteps=[*range(0, 999, 10), 999] (the program then chooses among them; 101 levels x 16" in message
+    assert model.levels == [] and scheduler.config.gamma is None
+    with pytest.raises(ValueError, match=r"missing at timesteps 0-999\. Estimate Gamma at all 1000 levels.*1,000,000"):
+        scheduler.set_timesteps(10)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Monte Carlo values a hair below 0 at low noise are clipped
+        scheduler.estimate_gamma(model, data, 16, 16, timesteps=grid, estimator="error", show_progress=False)
+    assert model.levels == grid
+    scheduler.set_timesteps(10)
+    visited = scheduler.timesteps.tolist()
+    assert len(visited) == 10 and visited[0] == 999 and visited[-1] == 0 and set(visited) <= set(grid)
+    with pytest.raises(ValueError, match="cannot tell the levels of trajectory='optimal'"):  # planned, still refused
+        scheduler.estimate_gamma(model, data, 16, 16, timesteps="trajectory", show_progress=False)
+
+
+def test_estimate_gamma_reports_progress_in_lines_off_a_terminal(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SDEKIT_PROGRESS", "lines")
+    mix = _overlapping_mixture()
+    scheduler = AnalyticDPMScheduler()
+    oracle = epsilon_oracle(mix, scheduler.sde)
+    scheduler.estimate_gamma(oracle, _data(mix, 20, 0), 20, 8, timesteps=[10, 500])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Gamma:")]
+    assert len(lines) == 6 and lines[-1].startswith("Gamma: 100% 6/6 call")  # 2 levels x ceil(20 / 8) calls
+    scheduler.estimate_gamma(oracle, _data(mix, 20, 0), 20, 8, timesteps=[10, 500], show_progress=False)
+    assert "Gamma" not in capsys.readouterr().err
 
 
 # -- the paper's claims on the oracle -------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
 
 from sdekit.likelihood import GaussianStep, model_device_dtype, model_prediction
 from sdekit.parametrization import check_choice, from_model_time, split_model_output
+from sdekit.progress import Progress
 from sdekit.scheduler import SDEScheduler
 from sdekit.sde import VPTypeSDE, compute_dtype
 
@@ -56,6 +56,25 @@ def _check_eta_value(eta: object) -> float:
             f"not exceed the target level's variance); got {eta!r}."
         )
     return float(eta)
+
+
+def _gamma_cost(num_levels: int, num_samples: int = 1000, batch_size: int = 100) -> str:
+    """The cost of :meth:`AnalyticDPMScheduler.estimate_gamma` at ``num_levels`` levels, in words.
+
+    Every level evaluates the model once per data sample, in ``ceil(num_samples / batch_size)`` batched calls:
+    ``"10 levels x 1000 samples = 10,000 model evaluations, i.e. 10 x ceil(1000 / batch_size) = 100 model calls
+    at batch_size=100"``.
+    """
+    calls = num_levels * -(-num_samples // batch_size)
+    return (
+        f"{num_levels} levels x {num_samples} samples = {num_levels * num_samples:,} model evaluations, i.e. "
+        f"{num_levels} x ceil({num_samples} / batch_size) = {calls:,} model calls at batch_size={batch_size}"
+    )
+
+
+def _level_list(levels: Sequence[int]) -> str | None:
+    """``levels`` as a Python list literal, or ``None`` if too long to quote in a message."""
+    return f"[{', '.join(map(str, levels))}]" if len(levels) <= 20 else None
 
 
 @dataclass(frozen=True)
@@ -80,7 +99,8 @@ class AnalyticDPMScheduler(SDEScheduler):
     Runs in the unmodified diffusers pipelines like the other sdekit samplers; ``len(timesteps)`` equals
     ``num_inference_steps`` = ``K`` model calls. The analytic variance needs ``Gamma`` (``E||eps_theta(x_n, n)||^2
     / d`` at the table's levels), estimated once per model with :meth:`estimate_gamma` and stored in the config,
-    so ``save_pretrained`` / ``from_pretrained`` keep it.
+    so ``save_pretrained`` / ``from_pretrained`` keep it. Sampling needs it only at the trajectory's levels:
+    ``estimate_gamma(model, data, timesteps="trajectory", num_inference_steps=K)`` estimates just those.
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, sigma_min, sigma_max, sde,
@@ -167,24 +187,83 @@ class AnalyticDPMScheduler(SDEScheduler):
 
     # -- Gamma --------------------------------------------------------------------------------------------
 
-    def _gamma_at(self, levels: Sequence[int], purpose: str) -> list[float]:
-        """``Gamma`` at ``levels``; a ``ValueError`` that says how to estimate it where it is missing."""
+    def _gamma_at(self, levels: Sequence[int], purpose: str, trajectory: Sequence[int]) -> list[float]:
+        """``Gamma`` at ``levels``, which belong to the sampling ``trajectory`` (its table levels); where it is
+        missing, a ``ValueError`` that says how to estimate it at the trajectory's levels alone and what it costs."""
         gamma = self.config.gamma
+        missing = [level for level in levels if gamma is None or gamma[level] is None]
+        if not missing:
+            return [gamma[level] for level in levels]
+        num_levels = self.config.num_train_timesteps
+        visited = sorted(set(trajectory))
         if gamma is None:
-            raise ValueError(
-                f"{purpose} needs Gamma_n = E||eps_theta(x_n, n)||^2 / d at the model's timesteps, and this "
-                "scheduler has none. Estimate it once per model with scheduler.estimate_gamma(model, data, "
-                "num_samples=1000), where data is a tensor, a datasets.Dataset or an iterable of x_0 batches in the "
-                "model's range; it is stored in the config, so save_pretrained() keeps it. Without it, use "
-                "variance='beta_tilde' or 'beta' and trajectory='even' or 'quadratic'."
+            head = (
+                f"{purpose} needs Gamma_n = E||eps_theta(x_n, n)||^2 / d at the levels it visits, and this scheduler "
+                "has none."
             )
-        missing = [level for level in levels if gamma[level] is None]
-        if missing:
+            todo = visited
+        else:
+            head = f"{purpose} needs Gamma at timesteps {format_levels(missing)}, which were not estimated."
+            todo = sorted(set(missing))
+        quoted = _level_list(todo)
+        call = "scheduler.estimate_gamma(model, data, num_samples=1000, "
+        if todo == visited and self.config.trajectory != "optimal" and todo == self._trajectory(len(todo)):
+            how = f"{call}timesteps='trajectory', num_inference_steps={len(todo)})"
+            if quoted is not None:
+                how += f", which estimates timesteps={quoted}"
+        elif quoted is not None:
+            how = f"{call}timesteps={quoted})"
+        else:
+            how = f"{call}timesteps=[...]) with these {len(todo)} levels ({format_levels(todo)})"
+        raise ValueError(
+            f"{head} Estimate it once per model at only these {len(todo)} levels: {how}. That costs "
+            f"{_gamma_cost(len(todo))}; all {num_levels} levels (timesteps=None) would cost "
+            f"{num_levels * 1000:,} model evaluations. data holds x_0 in the model's range (a tensor, a "
+            "datasets.Dataset or an iterable of batches). Gamma is stored in the config, so save_pretrained() keeps "
+            "it. Without Gamma, use variance='beta_tilde' or 'beta'."
+        )
+
+    def _optimal_remedy(self, num_samples: int, batch_size: int) -> str:
+        """How to get the ``Gamma`` that the optimal trajectory needs, with the costs."""
+        last = self.config.num_train_timesteps - 1
+        grid = len(range(0, last, 10)) + 1
+        return (
+            f"Estimate Gamma at all {last + 1} levels with scheduler.estimate_gamma(model, data, "
+            f"num_samples={num_samples}) ({_gamma_cost(last + 1, num_samples, batch_size)}), or at a grid of "
+            f"candidate levels that includes 0 and {last}, e.g. timesteps=[*range(0, {last}, 10), {last}] (the "
+            f"program then chooses among them; {_gamma_cost(grid, num_samples, batch_size)}). Or use "
+            "trajectory='even' or 'quadratic', whose levels do not depend on Gamma, and estimate only those with "
+            "timesteps='trajectory', num_inference_steps=K."
+        )
+
+    def _trajectory_levels(self, num_inference_steps: int | None, num_samples: int, batch_size: int) -> list[int]:
+        """The ascending table levels that sampling will visit, for ``estimate_gamma(timesteps='trajectory')``.
+
+        Those of ``num_inference_steps`` levels on the configured trajectory; without it, those of the last
+        ``set_timesteps()``. A ``ValueError`` if neither is given, or if the levels are those of the optimal
+        trajectory, which Gamma itself chooses.
+        """
+        planned = None
+        if num_inference_steps is None:
+            if self._request is None:
+                raise ValueError(
+                    "timesteps='trajectory' estimates Gamma at the levels you will sample, but no trajectory is "
+                    "planned: pass num_inference_steps=K, the number of sampling steps (the pipeline's "
+                    "num_inference_steps)."
+                )
+            num_inference_steps, planned = self._request
+        if planned is not None:
+            times = self._custom_times(planned)
+        elif self.config.trajectory == "optimal":
             raise ValueError(
-                f"{purpose} needs Gamma at timesteps {format_levels(missing)}, which were not estimated; run "
-                f"scheduler.estimate_gamma(model, data, timesteps=[...]) for them (or for all timesteps)."
+                "timesteps='trajectory' cannot tell the levels of trajectory='optimal' before Gamma is known: a "
+                "dynamic program chooses them from Gamma at every candidate level (Bao et al. 2022, section 4). "
+                + self._optimal_remedy(num_samples, batch_size)
             )
-        return [gamma[level] for level in levels]
+        else:
+            times = self._spaced_times(num_inference_steps)
+        last = self.config.num_train_timesteps - 1
+        return sorted(round(t * last) for t in times)
 
     def estimate_gamma(
         self,
@@ -192,19 +271,22 @@ class AnalyticDPMScheduler(SDEScheduler):
         data: Any,
         num_samples: int = 1000,
         batch_size: int = 100,
-        timesteps: Sequence[int] | None = None,
+        timesteps: Sequence[int] | str | None = None,
         generator: torch.Generator | None = None,
         column: str | None = None,
         estimator: str = "norm",
         show_progress: bool = True,
+        num_inference_steps: int | None = None,
     ) -> torch.Tensor:
         """Estimate ``Gamma_n = E ||eps_theta(x_n, n)||^2 / d`` by Monte Carlo and store it in the config.
 
         The paper's section 3: ``x_n = sqrt(abar_n) x_0 + sqrt(bbar_n) eps`` for every data sample ``x_0`` and a
         fresh ``eps`` at every level, the model's output converted to ``eps`` for any ``prediction_type``. Costs
-        ``ceil(num_samples / batch_size)`` model calls per level. Values outside ``[0, 1]`` warn and are clipped;
-        data outside ``[-clip_sample_range, clip_sample_range]`` (with ``clip_sample``) warn. A trajectory planned
-        by ``set_timesteps()`` is planned again with the new values.
+        ``num_samples`` model evaluations per level, in ``ceil(num_samples / batch_size)`` model calls: a 10-step
+        trajectory's 10 levels with 1000 samples are 10,000 evaluations (100 calls of 100), all 1000 levels
+        100 times as many. Values outside ``[0, 1]`` warn and are clipped; data outside
+        ``[-clip_sample_range, clip_sample_range]`` (with ``clip_sample``) warn. A trajectory planned by
+        ``set_timesteps()`` is planned again with the new values.
 
         Args:
             model: the noise-prediction network: ``model(x_n, timestep)`` returns a tensor, a tuple or an object
@@ -214,8 +296,12 @@ class AnalyticDPMScheduler(SDEScheduler):
                 ``(x_0, labels)`` tuples). The first ``num_samples`` samples are used: shuffle beforehand.
             num_samples: the number of data samples ``M``; default 1000.
             batch_size: samples per model call; default 100.
-            timesteps: the table levels (integers in ``[0, N - 1]``) to estimate; default ``None``, all ``N``.
-                Other levels keep their current values.
+            timesteps: the table levels (integers in ``[0, N - 1]``) to estimate; ``"trajectory"``, the ``K``
+                levels that sampling will visit (see ``num_inference_steps``; level 0 included, which the bound's
+                decoder uses); default ``None``, all ``N``. Other levels keep their current values. The levels of
+                ``trajectory="optimal"`` are chosen from Gamma at every candidate level, so they are unknown until
+                it is estimated: ``"trajectory"`` then raises ``ValueError`` (unless the last ``set_timesteps()``
+                gave its own ``timesteps``).
             generator: the source of the noise.
             column: for datasets / dict batches with several columns, the one holding ``x_0``; default ``None``.
             estimator: ``norm`` (default), the paper's ``mean ||eps_theta||^2 / d``; or ``error``,
@@ -227,7 +313,11 @@ class AnalyticDPMScheduler(SDEScheduler):
                 then exploits levels clipped to ``Gamma = 1``). For an imperfect model ``error`` gives the
                 variance ``lambda^2 + x0_coeff^2 E ||x_0 - x0_theta||^2 / d`` that minimises the step's KL for the
                 model's own mean. ``error`` is never above 1.
-            show_progress: show a tqdm progress bar; default True.
+            show_progress: report progress with :class:`sdekit.progress.Progress` (a bar on a terminal, a line per
+                10% elsewhere); default True.
+            num_inference_steps: with ``timesteps="trajectory"``, the number of sampling steps ``K``: estimate the
+                ``K`` levels of the configured trajectory, then plan it as ``set_timesteps(K)`` does. Default
+                ``None``: the trajectory of the last ``set_timesteps()`` (a ``ValueError`` if there was none).
 
         Returns:
             The (clipped) estimates at ``timesteps``, float64.
@@ -237,40 +327,55 @@ class AnalyticDPMScheduler(SDEScheduler):
         for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        levels = list(range(num_levels)) if timesteps is None else sorted({int(n) for n in timesteps})
-        if timesteps is not None and (
-            not levels or levels[0] < 0 or levels[-1] >= num_levels or any(n != int(n) for n in timesteps)
-        ):
-            raise ValueError(f"timesteps must be integers in [0, {num_levels - 1}] (table levels), got {timesteps!r}.")
+        if isinstance(timesteps, str):
+            if timesteps != "trajectory":
+                raise ValueError(
+                    f"timesteps must be None (all levels), 'trajectory' (the levels sampling visits) or a list of "
+                    f"table levels, got {timesteps!r}."
+                )
+            levels = self._trajectory_levels(num_inference_steps, num_samples, batch_size)
+        elif num_inference_steps is not None:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps!r} only says which trajectory timesteps='trajectory' "
+                "estimates; pass timesteps='trajectory' with it, or drop it."
+            )
+        else:
+            levels = list(range(num_levels)) if timesteps is None else sorted({int(n) for n in timesteps})
+            if timesteps is not None and (
+                not levels or levels[0] < 0 or levels[-1] >= num_levels or any(n != int(n) for n in timesteps)
+            ):
+                raise ValueError(
+                    f"timesteps must be integers in [0, {num_levels - 1}] (table levels), got {timesteps!r}."
+                )
         alphas, sigmas = self._log_abar[levels].mul(0.5).exp(), (-torch.expm1(self._log_abar[levels])).sqrt()
         model_times = self._model_timesteps(torch.tensor(levels, dtype=torch.float64) / (num_levels - 1))
         sums: torch.Tensor | None = None
         low = high = None
         count = dim = 0
-        bar = tqdm(total=len(levels) * -(-num_samples // batch_size), desc="Gamma", disable=not show_progress)
-        for x0 in x0_batches(data, num_samples, batch_size, column):
-            device, dtype = model_device_dtype(model, x0)
-            work = compute_dtype(dtype)
-            x0 = x0.to(device=device, dtype=work)
-            low = x0.min() if low is None else torch.minimum(low, x0.min())
-            high = x0.max() if high is None else torch.maximum(high, x0.max())
-            if sums is None:
-                sums = torch.zeros(len(levels), dtype=torch.float64, device=x0.device)
-            for i in range(len(levels)):
-                noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=work)
-                x_n = float(alphas[i]) * x0 + float(sigmas[i]) * noise
-                with torch.no_grad():
-                    output = model_prediction(model, x_n.to(dtype), model_times[i])
-                _, eps = split_model_output(
-                    output, x_n, float(alphas[i]), float(sigmas[i]), self.config.prediction_type
-                )
-                if estimator == "error":
-                    eps = eps - noise
-                sums[i] += eps.to(torch.float64).pow(2).sum()
-                bar.update(1)
-            count += x0.shape[0]
-            dim = x0[0].numel()
-        bar.close()
+        total = len(levels) * -(-num_samples // batch_size)
+        with Progress(total=total, desc="Gamma", unit="call", disable=not show_progress) as bar:
+            for x0 in x0_batches(data, num_samples, batch_size, column):
+                device, dtype = model_device_dtype(model, x0)
+                work = compute_dtype(dtype)
+                x0 = x0.to(device=device, dtype=work)
+                low = x0.min() if low is None else torch.minimum(low, x0.min())
+                high = x0.max() if high is None else torch.maximum(high, x0.max())
+                if sums is None:
+                    sums = torch.zeros(len(levels), dtype=torch.float64, device=x0.device)
+                for i in range(len(levels)):
+                    noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=work)
+                    x_n = float(alphas[i]) * x0 + float(sigmas[i]) * noise
+                    with torch.no_grad():
+                        output = model_prediction(model, x_n.to(dtype), model_times[i])
+                    _, eps = split_model_output(
+                        output, x_n, float(alphas[i]), float(sigmas[i]), self.config.prediction_type
+                    )
+                    if estimator == "error":
+                        eps = eps - noise
+                    sums[i] += eps.to(torch.float64).pow(2).sum()
+                    bar.update(1)
+                count += x0.shape[0]
+                dim = x0[0].numel()
         if sums is None:
             raise ValueError("the data gave no samples; Gamma cannot be estimated.")
         if self.config.clip_sample:
@@ -294,9 +399,11 @@ class AnalyticDPMScheduler(SDEScheduler):
         gamma = check_gamma(gamma, num_levels, stacklevel=3)
         self.register_to_config(gamma=gamma)
         self._optimal_paths = {}
-        if self._request is not None:
-            num_inference_steps, planned = self._request
-            self.set_timesteps(num_inference_steps, device=self.timesteps.device, timesteps=planned)
+        if num_inference_steps is not None:
+            self.set_timesteps(num_inference_steps, device=self.timesteps.device)
+        elif self._request is not None:
+            steps, planned = self._request
+            self.set_timesteps(steps, device=self.timesteps.device, timesteps=planned)
         return torch.tensor([gamma[level] for level in levels], dtype=torch.float64)
 
     # -- trajectories -------------------------------------------------------------------------------------
@@ -324,7 +431,15 @@ class AnalyticDPMScheduler(SDEScheduler):
         Args:
             levels: candidate levels; ``Gamma`` must be known at all of them.
         """
-        gamma = torch.tensor(self._gamma_at(levels, "the optimal trajectory"), dtype=torch.float64)
+        known = self.config.gamma
+        missing = [level for level in levels if known is None or known[level] is None]
+        if missing:
+            raise ValueError(
+                "trajectory='optimal' chooses its levels by a dynamic program over Gamma at every candidate level "
+                f"(Bao et al. 2022, section 4), and Gamma is missing at timesteps {format_levels(missing)}. "
+                + self._optimal_remedy(1000, 100)
+            )
+        gamma = torch.tensor([known[level] for level in levels], dtype=torch.float64)
         log_abar = self._log_abar[list(levels)]
         pair = level_pairs(log_abar[None, :], log_abar[:, None])
         pixel = self._pixel_bound()
@@ -408,8 +523,9 @@ class AnalyticDPMScheduler(SDEScheduler):
         device: str | torch.device | None = None,
         timesteps: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
-        """As :meth:`sdekit.SDEScheduler.set_timesteps`; the request is remembered so that ``estimate_gamma`` can
-        plan it again with the new Gamma.
+        """As :meth:`sdekit.SDEScheduler.set_timesteps`; a request that succeeds is remembered, so that
+        ``estimate_gamma`` plans it again with the new Gamma and ``estimate_gamma(timesteps="trajectory")`` estimates
+        its levels. One that fails (e.g. for want of Gamma) forgets the previous one.
 
         Args:
             num_inference_steps: ``K``, the number of levels and model calls, ``2 <= K <= num_train_timesteps``;
@@ -417,6 +533,7 @@ class AnalyticDPMScheduler(SDEScheduler):
             device: where ``timesteps`` live.
             timesteps: the levels instead, in the model's timestep units, strictly decreasing, at least 2.
         """
+        self._request = None
         super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         planned = None if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64).flatten().tolist()
         self._request = (num_inference_steps, planned)
@@ -427,7 +544,7 @@ class AnalyticDPMScheduler(SDEScheduler):
         variance = self.config.variance
         gamma: list[float | None] = [None] * len(descending)
         if variance == "analytic":
-            gamma[:-1] = self._gamma_at(descending[:-1], "variance='analytic'")
+            gamma[:-1] = self._gamma_at(descending[:-1], "variance='analytic'", descending)
         elif self.config.gamma is not None:
             gamma = [self.config.gamma[level] for level in descending]
         pixel = self._pixel_bound()
@@ -496,7 +613,8 @@ class AnalyticDPMScheduler(SDEScheduler):
         variance = self.config.variance if variance is None else check_choice("variance", variance, VARIANCES)
         eta = self.config.eta if eta is None else _check_eta_value(eta)
         if variance == "analytic":
-            gamma = self._gamma_at([step.level for step in self._steps], "variance='analytic'")
+            levels = [step.level for step in self._steps]
+            gamma = self._gamma_at(levels, "variance='analytic'", levels)
         steps: list[GaussianStep] = []
         for index, (step, timestep) in enumerate(zip(self._steps, self.timesteps.tolist())):
             if step.target is not None:
