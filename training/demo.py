@@ -9,6 +9,10 @@ runs every built-in sampler through that unmodified diffusers pipeline (the adap
 through ``sdekit.sample_ode``). It writes one grid per sampler to ``<output_dir>/grids/`` and prints (and writes to
 ``<output_dir>/results.md``) a table of model calls per sample, wall time and the pixel-space Frechet distance to
 the held-out digits, next to the untrained model's and the data's own floor.
+
+It is never silent for long: a line announces each phase, every sampling run shows its progress labelled with
+the sampler (a bar on a terminal, a line per 10% in a log; ``SDEKIT_PROGRESS=bar|lines|off`` forces one), and
+each run ends with a line of its NFE, seconds and Frechet distance. All of these go to stderr, the table to stdout.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+
+from sdekit.progress import progress_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,6 +37,7 @@ from evaluate import (  # noqa: E402
     embedded_images,
     evaluate,
     format_table,
+    report,
     untrained_like,
 )
 
@@ -46,22 +54,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_pipeline(model_dir: Path) -> DiffusionPipeline:
+    """``DiffusionPipeline.from_pretrained(model_dir)``, whose component-loading bar is shown only where progress
+    is a bar: in a log its carriage returns would be noise (diffusers' setting is restored afterwards)."""
+    quiet = progress_mode() != "bar" and diffusers_logging.is_progress_bar_enabled()
+    if quiet:
+        diffusers_logging.disable_progress_bar()
+    try:
+        return DiffusionPipeline.from_pretrained(model_dir)
+    finally:
+        if quiet:
+            diffusers_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     """Train, sample with every built-in sampler, print and write the table; returns it."""
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
     model_dir = Path(args.pretrained) if args.pretrained else out / "model"
     if not args.pretrained:
+        report(f"demo: training the default preset for {args.max_train_steps} steps into {model_dir}")
         steps = str(args.max_train_steps)
         flags = ["--config", "default", "--output_dir", str(model_dir), "--max_train_steps", steps]
         train.main([*flags, "--seed", str(args.seed), *args.train_args])
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    report(f"demo: loading the trained pipeline from {model_dir}")
+    pipe = load_pipeline(model_dir)
 
     training, heldout = embedded_images(pipe)
     common = {"num_samples": args.num_samples, "seed": args.seed}
+    count = args.num_samples or len(heldout)
+    report(f"demo: sampling {count} images with each of {len(BUILTIN_RUNS)} samplers; grids in {out / 'grids'}")
     rows = evaluate(pipe, heldout, BUILTIN_RUNS, gamma_data=training, grid_dir=out / "grids", **common)
     # The pipeline's own sampler on the same network before any training, for scale.
-    baseline = evaluate(untrained_like(pipe, args.seed), heldout, [SamplerRun("untrained", "pf-ode", 25)], **common)
+    baseline_run = SamplerRun("untrained", "pf-ode", 25)
+    report(f"demo: untrained baseline: the same network freshly initialised, {baseline_run.steps} pf-ode-heun levels")
+    baseline = evaluate(untrained_like(pipe, args.seed), heldout, [baseline_run], **common)
+    report(f"demo: data floor: {len(heldout)} training digits against the {len(heldout)} held-out ones")
     floor = data_floor(training, heldout, args.seed)
 
     table = format_table(rows, {"untrained model (pf-ode-heun)": baseline[0].frechet, "training data (floor)": floor})
@@ -70,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"digits ({model_dir}); grids in {out / 'grids'}"
     )
     (out / "results.md").write_text(f"{header}\n\n{table}\n")
+    report(f"demo: wrote {out / 'results.md'}")
     print(f"\n{header}\n\n{table}")
     return table
 

@@ -4,11 +4,17 @@ The trainer uses :func:`sample` and :func:`save_grid` for its grids; the main jo
 quality benchmark (``benchmarks/train_quality.py``) use :func:`evaluate` to run every built-in sampler on a
 trained ``DiffusionPipeline`` and report, per sampler, the model calls per sample (NFE), the wall time and the
 Frechet distance in pixel space to images the model never saw.
+
+Every sampling run reports its progress through :class:`sdekit.progress.Progress`, labelled with the run's label
+(a tqdm bar on a terminal, a line per 10% elsewhere; ``SDEKIT_PROGRESS=bar|lines|off`` forces one), and
+:func:`evaluate` prints one line per finished run. Progress and these lines go to stderr.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +26,9 @@ from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
 from PIL import Image
 
 import sdekit
+from sdekit.ode import model_score_fn
+from sdekit.progress import Progress, pipeline_progress
+from sdekit.sde import TimeLike
 from sdekit.testing import frechet_distance
 
 from data import ImageTransform, TrainingImages, load_images
@@ -32,6 +41,7 @@ __all__ = [
     "embedded_images",
     "evaluate",
     "format_table",
+    "report",
     "sample",
     "sample_pipeline",
     "save_grid",
@@ -83,15 +93,46 @@ class EvalRow:
     frechet: float
 
 
-def save_grid(images: torch.Tensor, path: Path) -> Image.Image:
-    """Save samples in ``[-1, 1]`` (``(B, C, H, W)``) as a square PNG grid and return it."""
+def report(message: str) -> None:
+    """Print one line of a run's log to stderr, where progress goes, so that the two stay in order."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def save_grid(
+    images: torch.Tensor, path: Path, *, min_width: int = 512, gap: int = 4, background: int = 128
+) -> Image.Image:
+    """Save samples in ``[-1, 1]`` (``(B, C, H, W)``) as a PNG grid, large enough to judge, and return it.
+
+    The grid has ``ceil(sqrt(B))`` columns. Every pixel becomes an ``s x s`` block (nearest neighbour), ``s`` the
+    smallest integer that makes the grid at least ``min_width`` pixels wide (1 if it already is); ``gap`` pixels
+    of the grey level ``background`` separate the cells and frame the grid, and fill the cells left empty.
+
+    Args:
+        images: the samples, ``(B, C, H, W)`` with ``C`` 1 or 3.
+        path: the PNG to write (its folder is created).
+        min_width: the smallest width of the grid in pixels; default 512.
+        gap: the width of the gaps in pixels; default 4.
+        background: the grey level (0-255) of the gaps; default 128, apart from both black and white.
+    """
+    if images.ndim != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, C, H, W) with B >= 1 and C 1 or 3, got shape {tuple(images.shape)}.")
+    for name, value, low in (("min_width", min_width, 1), ("gap", gap, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if isinstance(background, bool) or not isinstance(background, int) or not 0 <= background <= 255:
+        raise ValueError(f"background must be an integer grey level in [0, 255], got {background!r}.")
     images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     b, c, h, w = images.shape
     cols = math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
-    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    scale = max(1, math.ceil((min_width - (cols + 1) * gap) / (cols * w)))
+    cell_h, cell_w = h * scale, w * scale
+    cells = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    size = (c, rows * cell_h + (rows + 1) * gap, cols * cell_w + (cols + 1) * gap)
+    grid = torch.full(size, background, dtype=torch.uint8)
     for i in range(b):
-        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = images[i]
+        top, left = gap + (i // cols) * (cell_h + gap), gap + (i % cols) * (cell_w + gap)
+        grid[:, top : top + cell_h, left : left + cell_w] = cells[i]
     array = grid.permute(1, 2, 0).numpy()
     picture = Image.fromarray(array[..., 0] if c == 1 else array)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,24 +141,34 @@ def save_grid(images: torch.Tensor, path: Path) -> Image.Image:
 
 
 @torch.no_grad()
-def sample(unet: UNet2DModel, scheduler: SchedulerMixin, n: int, steps: int, seed: int) -> torch.Tensor:
+def sample(
+    unet: UNet2DModel, scheduler: SchedulerMixin, n: int, steps: int, seed: int, *, label: str = "sampling"
+) -> torch.Tensor:
     """``n`` samples in ``[-1, 1]``-ish model space with ``scheduler``: the loop a diffusers pipeline runs, with
-    ``init_noise_sigma`` and ``scale_model_input`` applied (so VE samplers work too)."""
+    ``init_noise_sigma`` and ``scale_model_input`` applied (so VE samplers work too). Progress counts model calls
+    and is labelled ``label``."""
     gen = torch.Generator().manual_seed(seed)
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     x = torch.randn(shape, generator=gen).to(unet.device) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        out = unet(scheduler.scale_model_input(x, t), t.to(unet.device)).sample
-        x = scheduler.step(out, t, x, generator=gen).prev_sample
+    # As diffusers' pipelines do, pass the generator only to a step() that takes one (a deterministic
+    # third-party sampler may not).
+    extra = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    with Progress(len(scheduler.timesteps), label, "step") as progress:
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(x, t), t.to(unet.device)).sample
+            x = scheduler.step(out, t, x, **extra).prev_sample
+            progress.update(1)
     return x
 
 
-def sample_pipeline(pipe: DDPMPipeline, n: int, steps: int, seed: int) -> torch.Tensor:
+def sample_pipeline(pipe: DDPMPipeline, n: int, steps: int, seed: int, *, label: str = "sampling") -> torch.Tensor:
     """``n`` samples from the unmodified diffusers pipeline ``pipe`` (its own loop, clamping and output), returned
-    as ``(n, C, H, W)`` in ``[-1, 1]``."""
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=n, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    as ``(n, C, H, W)`` in ``[-1, 1]``. The pipeline's progress bar reports through :class:`Progress`, labelled
+    ``label``, during the call only."""
+    generator = torch.Generator().manual_seed(seed)
+    with pipeline_progress(pipe, label):
+        out = pipe(batch_size=n, num_inference_steps=steps, generator=generator, output_type="pt")
     return out.images * 2 - 1  # "pt" output: (n, C, H, W) in [0, 1]
 
 
@@ -167,7 +218,8 @@ def evaluate(
         seed: the seed of every run's noise; default 0.
 
     Returns:
-        One :class:`EvalRow` per run, in order.
+        One :class:`EvalRow` per run, in order. Each run also shows its progress, labelled with its label, and
+        prints ``<label>: done in <seconds> s, NFE <nfe>, Frechet <distance>`` to stderr when it ends.
     """
     n = num_samples or heldout.shape[0]
     original = pipe.scheduler
@@ -181,10 +233,12 @@ def evaluate(
                 pipe.scheduler = sdekit.load_scheduler(run.sampler, original.config, **run.options)
                 if run.sampler == "analytic-dpm":
                     _estimate_gamma(pipe, run, gamma_data, seed)
-                samples = _sample(pipe, n, run.steps, seed)
+                samples = _sample(pipe, n, run, seed)
                 nfe = len(pipe.scheduler.timesteps)  # the pipeline calls the model once per listed timestep
             seconds = time.perf_counter() - start
-            rows.append(EvalRow(run.label, nfe, seconds, frechet_distance(samples, heldout)))
+            row = EvalRow(run.label, nfe, seconds, frechet_distance(samples, heldout))
+            rows.append(row)
+            report(f"{row.label}: done in {row.seconds:.1f} s, NFE {row.nfe}, Frechet {row.frechet:.2f}")
             if grid_dir is not None:
                 save_grid(samples[:grid_size], Path(grid_dir) / f"{run.label}.png")
     finally:
@@ -192,58 +246,67 @@ def evaluate(
     return rows
 
 
-def _sample(pipe: DDPMPipeline, n: int, steps: int, seed: int) -> torch.Tensor:
+def _sample(pipe: DDPMPipeline, n: int, run: SamplerRun, seed: int) -> torch.Tensor:
     """The diffusers pipeline itself where it is right. ``DDPMPipeline`` starts from unit noise, so a VE sampler
     (``init_noise_sigma = sigma_max``) gets the loop of :func:`sample`, which scales the start as SD-style loops do."""
     if pipe.scheduler.init_noise_sigma == 1:
-        return sample_pipeline(pipe, n, steps, seed)
-    return sample(pipe.unet, pipe.scheduler, n, steps, seed).clamp(-1, 1)
+        return sample_pipeline(pipe, n, run.steps, seed, label=run.label)
+    return sample(pipe.unet, pipe.scheduler, n, run.steps, seed, label=run.label).clamp(-1, 1)
 
 
 def _sample_ode(
     unet: UNet2DModel, reference: SchedulerMixin, run: SamplerRun, n: int, seed: int
 ) -> tuple[torch.Tensor, int]:
+    """The adaptive solver, whose number of model calls is unknown in advance: its progress is the share of the
+    time interval ``[sampling_eps, T]`` it has reached (held below 100% until it returns), with the model calls
+    so far beside it."""
     # The pipeline's scheduler gives the model's SDE, time input and parametrization.
     scheduler = sdekit.load_scheduler("pf-ode", reference.config)
+    sde = scheduler.sde
+    score = model_score_fn(unet, sde, scheduler.config.prediction_type, scheduler.time_input)
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    with torch.no_grad():
-        result = sdekit.sample_ode(
-            scheduler.sde,
-            shape,
-            model=unet,
-            prediction_type=scheduler.config.prediction_type,
-            time_input=scheduler.time_input,
-            denoise=True,
-            generator=torch.Generator().manual_seed(seed),
-            device=unet.device,
-            **run.options,
-        )
+    calls = 0
+    with Progress(100, run.label, "%") as progress:
+
+        def tracked_score(x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            earliest = float(torch.as_tensor(t).min())
+            reached = min(math.floor(100 * (sde.T - earliest) / (sde.T - sde.sampling_eps)), 99)
+            progress.update(max(reached - progress.n, 0), nfe=calls)
+            return score(x, t)
+
+        with torch.no_grad():
+            result = sdekit.sample_ode(
+                sde,
+                shape,
+                score_fn=tracked_score,
+                denoise=True,
+                generator=torch.Generator().manual_seed(seed),
+                device=unet.device,
+                **run.options,
+            )
+        progress.update(100 - progress.n, nfe=result.nfe)
     return result.samples.clamp(-1, 1), result.nfe
 
 
 def _estimate_gamma(pipe: DDPMPipeline, run: SamplerRun, data: torch.Tensor | None, seed: int) -> None:
     if data is None:
         raise ValueError(f"run {run.label!r} uses analytic-dpm, which needs gamma_data (training images).")
-    # The levels the run visits: an even or quadratic trajectory does not depend on Gamma, so a scheduler with
-    # the baseline variance plans them without it.
-    probe = sdekit.load_scheduler("analytic-dpm", pipe.scheduler.config, variance="beta_tilde")
-    if probe.config.trajectory == "optimal":
-        raise ValueError(f"run {run.label!r}: the optimal trajectory needs Gamma at every level; use even here.")
-    probe.set_timesteps(run.steps)
-    levels = sorted({int(t) for t in probe.timesteps})
     shuffled = data[torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))]
     # 500 images per level estimate 1 - Gamma to sqrt(2 / (d M)), under 0.5% for 16 x 16 images.
     count = min(500, data.shape[0])
+    report(f"{run.label}: estimating Gamma at the {run.steps} levels it visits from {count} training images")
     with torch.no_grad():
         pipe.scheduler.estimate_gamma(
             pipe.unet,
             shuffled,
             num_samples=count,
             batch_size=count,
-            timesteps=levels,
+            timesteps="trajectory",  # only the levels of this run's trajectory
+            num_inference_steps=run.steps,
             generator=torch.Generator().manual_seed(seed + 1),
             estimator="error",
-            show_progress=False,
         )
 
 
