@@ -24,7 +24,7 @@ from .registry import (
     validate_plugin,
 )
 from .sampling import sample_probability_flow, sample_reverse_sde
-from .scheduler import SDEScheduler, SDESchedulerOutput
+from .scheduler import SDEScheduler, SDESchedulerOutput, sde_from_config
 from .sde import SDE, ReverseSDE, VPTypeSDE
 
 __version__ = "0.1.0"
@@ -71,5 +71,6 @@ __all__ = [
     "sample_probability_flow",
     "sample_ode",
     "sample_reverse_sde",
+    "sde_from_config",
     "validate_plugin",
 ]

@@ -43,7 +43,7 @@ from .parametrization import (
 from .registry import get_sampler_class, get_sde, list_plugins, registered_name
 from .sde import SDE, TimeLike, broadcast_time, compute_dtype
 
-__all__ = ["COMMON_CONFIG", "SDEScheduler", "SDESchedulerOutput", "prior_std"]
+__all__ = ["COMMON_CONFIG", "SDEScheduler", "SDESchedulerOutput", "prior_std", "sde_from_config", "shared_config"]
 
 COMMON_CONFIG = (
     "num_train_timesteps",
@@ -65,6 +65,18 @@ COMMON_CONFIG = (
 """Configuration keys every sdekit scheduler takes (see :class:`SDEScheduler` for their meaning)."""
 
 _DDPM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+_SHARED_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "sigma_min": 0.01,
+    "sigma_max": 50.0,
+    "sde": "vp",
+    "sde_params": None,
+    "sampling_eps": None,
+}
 
 
 @dataclass
@@ -87,6 +99,38 @@ def prior_std(sde: SDE) -> float:
     """
     logp0 = sde.prior_logp(torch.zeros(1, 1, dtype=torch.float64))
     return float(torch.exp(-logp0[0] - 0.5 * math.log(2 * math.pi)))
+
+
+def shared_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with every SDE key of the shared configuration present, missing ones at :class:`SDEScheduler`'s
+    defaults (``sde``, ``sde_params``, the DDPM table, ``sigma_min`` / ``sigma_max``, ``sampling_eps``).
+
+    Handing this to ``from_config`` of any scheduler gives it the keys it knows, so a scheduler that reads
+    ``sigma_max`` (a third-party VE sampler) sees the same value as the SDE does.
+    """
+    return {**_SHARED_DEFAULTS, **config}
+
+
+def sde_from_config(config: Mapping[str, Any]) -> SDE:
+    """The SDE a scheduler configuration describes: ``config["sde"]`` built from ``sde_params``, or else from the
+    shared keys (the DDPM table for ``vp`` / ``subvp``, ``sigma_min`` / ``sigma_max`` / ``num_train_timesteps``
+    for ``ve``), with ``sampling_eps`` if set. Missing keys take :class:`SDEScheduler`'s defaults.
+
+    This is how every sdekit scheduler builds its SDE, so the trainer's objective and a saved pipeline's
+    scheduler agree on it.
+    """
+    c = shared_config(config)
+    if c["sde_params"] is not None:
+        params = dict(c["sde_params"])
+    elif c["sde"] in ("vp", "subvp"):
+        params = {key: c[key] for key in _DDPM_KEYS}
+    elif c["sde"] == "ve":
+        params = {"sigma_min": c["sigma_min"], "sigma_max": c["sigma_max"], "N": c["num_train_timesteps"]}
+    else:
+        params = {}
+    if c["sampling_eps"] is not None:
+        params["sampling_eps"] = c["sampling_eps"]
+    return get_sde(c["sde"], **params)
 
 
 def _diffusers_defaults(class_name: str) -> dict[str, Any]:
@@ -156,17 +200,7 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
             raise ValueError(f"sde_params must be a dict of SDE parameters or None, got {c.sde_params!r}.")
         if c.clip_sample_range <= 0:
             raise ValueError(f"clip_sample_range must be > 0, got {c.clip_sample_range!r}.")
-        if c.sde_params is not None:
-            params = dict(c.sde_params)
-        elif c.sde in ("vp", "subvp"):
-            params = {key: c[key] for key in _DDPM_KEYS}
-        elif c.sde == "ve":
-            params = {"sigma_min": c.sigma_min, "sigma_max": c.sigma_max, "N": c.num_train_timesteps}
-        else:
-            params = {}
-        if c.sampling_eps is not None:
-            params["sampling_eps"] = c.sampling_eps
-        self.sde: SDE = get_sde(c.sde, **params)
+        self.sde: SDE = sde_from_config(c)
         self.time_input = c.time_input or ("sigma" if c.sde == "ve" else "ddpm")
         check_choice("time_input", self.time_input, TIME_INPUTS)
         self.init_noise_sigma = prior_std(self.sde)

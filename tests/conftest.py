@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -80,6 +81,41 @@ def tiny_unet(channels: int = 3, seed: int = 0, sample_size: int = 8) -> UNet2DM
     ).eval()
 
 
+TINY_TRAINING = [
+    "--resolution", "8",
+    "--train_batch_size", "8",
+    "--report_to", "none",
+    "--save_images_steps", "0",
+    "--sample_steps", "2",
+    "--num_sample_images", "4",
+    "--lr_warmup_steps", "1",
+]  # fmt: skip
+"""``training/train.py`` flags for a run that costs nothing: 8 x 8 images, batch 8, no tracker, no grids."""
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """An in-process trainer run starts from a clean accelerate state, as a new process would."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def launch_two_processes(script: Path) -> list[str]:
+    """``accelerate launch`` of ``script`` as two CPU processes (gloo) on a free port, so that test workers running
+    in parallel do not collide on accelerate's default port; append the script's flags."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    return [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+    ]  # fmt: skip
+
+
 TESTS = Path(__file__).parent
 PLUGIN_DISTS = (TESTS / "plugin_dist", TESTS / "plugin_dist2")
 PLUGIN_PACKAGES = ("sdekit_testplugins", "sdekit_extra_plugins")
@@ -130,3 +166,16 @@ def plugins_on_path(plugin_site: Path) -> Iterator[Path]:
     sys.path.remove(str(plugin_site))
     _forget_plugin_modules()
     refresh_plugins()
+
+
+@pytest.fixture(scope="session")
+def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image folder of 20 embedded digits as 8 x 8 PNGs: with batch 8, two training steps an epoch, so a short
+    run crosses several epoch boundaries."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path_factory.mktemp("digits")
+    for index, pixels in enumerate(load_digits().images[:20]):
+        Image.fromarray((pixels / 16 * 255).round().astype("uint8")).save(folder / f"digit-{index:02d}.png")
+    return folder

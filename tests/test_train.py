@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,24 +20,12 @@ sys.path.insert(0, str(ROOT / "training"))
 
 import train  # noqa: E402
 from checkpoints import list_checkpoints  # noqa: E402
+from conftest import TINY_TRAINING, launch_two_processes  # noqa: E402
 
-TINY = [
-    "--resolution", "8",
-    "--train_batch_size", "8",
-    "--report_to", "none",
-    "--save_images_steps", "0",
-    "--sample_steps", "2",
-    "--num_sample_images", "4",
-    "--lr_warmup_steps", "1",
-]  # fmt: skip
+TINY = TINY_TRAINING
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    """Each in-process run starts from a clean accelerate state, as a new process would."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -85,32 +72,83 @@ def test_smoke_run_writes_a_loadable_pipeline(tmp_path: Path, flags: list[str]) 
     assert (out / "samples.png").is_file() and "sdekit" in (out / "README.md").read_text()
 
 
-def test_resume_after_a_kill_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    k = 3
-    common = [*TINY, "--max_train_steps", str(2 * k), "--checkpointing_steps", str(k), "--random_flip"]
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Same per-step losses and final weights, to far below the ~1e-3 a different data order gives."""
+    la, lb = _losses(a), _losses(b)
+    assert la.keys() == lb.keys() and all(la[k] == pytest.approx(lb[k], rel=1e-6, abs=1e-8) for k in la)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def _epoch_flags(folder: Path, accumulation: int) -> list[str]:
+    # 20 images in batches of 8: 2 batches an epoch, so 2 / accumulation optimizer steps an epoch.
+    return [
+        *TINY, "--train_data_dir", str(folder), "--channels", "1", "--random_flip",
+        "--gradient_accumulation_steps", str(accumulation), "--checkpoints_total_limit", "10",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_before_an_epoch_boundary_continues_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digit_folder: Path, accumulation: int
+) -> None:
+    # One step an epoch with accumulation 2, two without; checkpoint-3 lies before the boundary either way for
+    # accumulation 1 (mid-epoch 1) and on it for 2, and the resumed run crosses several more.
+    common = [*_epoch_flags(digit_folder, accumulation), "--max_train_steps", "7", "--checkpointing_steps", "3"]
     whole = tmp_path / "whole"
     train.main([*common, "--output_dir", str(whole)])
 
     parts = tmp_path / "parts"
-    real_save = train.save_checkpoint
+    real_write = train.LossLog.write
 
-    def save_then_die(accelerator, output_dir, state, total_limit=None):  # noqa: ANN001, ANN202
-        path = real_save(accelerator, output_dir, state, total_limit)
-        if state.global_step == k:
-            raise KeyboardInterrupt("killed right after checkpoint-3")
-        return path
+    def killed_at_step_6(self, step, values):  # noqa: ANN001, ANN202
+        if step == 6:
+            raise KeyboardInterrupt("killed after logging step 5, long after checkpoint-3")
+        return real_write(self, step, values)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*common, "--output_dir", str(parts)])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train.LossLog, "write", killed_at_step_6)
+    with pytest.raises(train.Interrupted):
+        train.main([*common, "--output_dir", str(parts), "--checkpointing_steps", "3"])
+    assert sorted(_losses(parts)) == [1, 2, 3, 4, 5] and [p.name for p in list_checkpoints(parts)] == ["checkpoint-3"]
+    monkeypatch.setattr(train.LossLog, "write", real_write)
     AcceleratorState._reset_state(True)
     train.main([*common, "--output_dir", str(parts), "--resume_from_checkpoint", "latest"])
 
-    assert _losses(parts) == _losses(whole) and len(_losses(whole)) == 2 * k
-    weights = "unet/diffusion_pytorch_model.safetensors"
-    a, b = load_file(whole / weights), load_file(parts / weights)
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    lines = (parts / "logs" / "loss.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 8))  # steps 4 and 5 are not logged twice
+    _assert_same_run(whole, parts)
+
+
+def test_a_different_data_order_is_seen(tmp_path: Path, digit_folder: Path) -> None:
+    """The comparison above can fail: another epoch order (another seed for the shuffle only) changes the run."""
+    common = [*_epoch_flags(digit_folder, 1), "--max_train_steps", "4", "--checkpointing_steps", "0"]
+    train.main([*common, "--output_dir", str(tmp_path / "a")])
+    AcceleratorState._reset_state(True)
+    real_iter = train.EpochSampler.__iter__
+    train.EpochSampler.__iter__ = lambda self: iter(list(real_iter(self))[::-1])
+    try:
+        train.main([*common, "--output_dir", str(tmp_path / "b")])
+    finally:
+        train.EpochSampler.__iter__ = real_iter
+    with pytest.raises(AssertionError):
+        _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_two_processes_resume_before_an_epoch_boundary_exactly(tmp_path: Path, digit_folder: Path) -> None:
+    # Each process takes one of the two batches an epoch: one optimizer step an epoch, so the resumed run from
+    # checkpoint-2 crosses three epoch boundaries.
+    common = [*_epoch_flags(digit_folder, 1), "--max_train_steps", "5", "--checkpointing_steps", "2"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _launch_two(common, whole)
+    shutil.copytree(whole, parts)
+    _launch_two([*common, "--resume_from_checkpoint", "checkpoint-2"], parts)
+    _assert_same_run(whole, parts)
+    ranks = [json.loads((parts / "logs" / f"rank-{i}.json").read_text()) for i in range(2)]
+    assert ranks[0] == ranks[1] and ranks[0]["global_step"] == 5
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,7 +164,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, mon
         return real_save_state(self, output_dir, **kwargs)
 
     monkeypatch.setattr(train.Accelerator, "save_state", half_written)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(train.Interrupted):
         train.main(common)
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     assert (out / ".checkpoint-4.tmp").is_dir()
@@ -171,15 +209,16 @@ def test_learning_rate_schedule_counts_optimizer_steps(tmp_path: Path) -> None:
     assert lrs == pytest.approx([0.005, 0.01, 0.005, 0.0])
 
 
+def _launch_two(flags: list[str], out: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [*launch_two_processes(ROOT / "training" / "train.py"), *flags, "--output_dir", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
 def test_two_processes_step_the_same_model(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    cmd = [
-        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "training" / "train.py"),
-        *TINY, "--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "0",
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    _launch_two([*TINY, "--max_train_steps", "3", "--checkpointing_steps", "0"], out)
     ranks = [json.loads((out / "logs" / f"rank-{i}.json").read_text()) for i in range(2)]
     assert ranks[0] == ranks[1] and ranks[0]["global_step"] == 3
     assert DiffusionPipeline.from_pretrained(out).unet is not None

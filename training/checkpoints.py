@@ -2,20 +2,30 @@
 
 A checkpoint ``checkpoint-<step>`` is first written as ``.checkpoint-<step>.tmp`` and renamed when complete, so a
 process killed mid-save leaves the previous checkpoints loadable and only a temporary folder that resuming
-ignores (and the next save removes). ``training_state.json`` inside it records where in the data the run was.
+ignores (and the next save removes). ``training_state.json`` inside it records where in the data the run was and
+the id of the run that wrote it, so ``latest`` never picks another run's checkpoint. Every file is recorded in the
+output folder's manifest (:class:`run_folder.RunFolder`), and rotation deletes recorded files only.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
 
-__all__ = ["TrainingState", "find_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
+from run_folder import RunFolder
+
+__all__ = [
+    "TrainingState",
+    "checkpoint_run_id",
+    "find_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _STATE_FILE = "training_state.json"
@@ -40,47 +50,64 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, state: TrainingState, total_limit: int | None = None
+    accelerator: Accelerator, folder: RunFolder, state: TrainingState, total_limit: int | None = None
 ) -> Path:
     """Save the accelerator state (models, optimizer, registered objects, RNGs) as ``checkpoint-<step>``.
 
-    Every process must call this. The folder appears under its final name only when complete; afterwards at
-    most ``total_limit`` checkpoints are kept (the oldest are removed).
+    Every process must call this (``folder`` is only written by the main process). The folder appears under its
+    final name only when complete; afterwards at most ``total_limit`` checkpoints of this run are kept (the oldest
+    are removed).
     """
-    root = Path(output_dir)
+    root = folder.root
     final = root / f"checkpoint-{state.global_step}"
     temporary = root / f".checkpoint-{state.global_step}.tmp"
     if accelerator.is_main_process:
         for stale in root.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(stale)
+            folder.remove(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / _STATE_FILE).write_text(json.dumps(asdict(state)))
+        (temporary / _STATE_FILE).write_text(json.dumps({**asdict(state), "run_id": folder.run_id}))
         if final.exists():
-            shutil.rmtree(final)
+            folder.remove(final)
         temporary.rename(final)
+        folder.record(final)
         if total_limit is not None:
-            for old in list_checkpoints(root)[: max(len(list_checkpoints(root)) - total_limit, 0)]:
-                shutil.rmtree(old)
+            ours = [p for p in list_checkpoints(root) if checkpoint_run_id(p) == folder.run_id]
+            for old in ours[: max(len(ours) - total_limit, 0)]:
+                folder.remove(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) -> Path | None:
-    """The checkpoint to resume from: ``latest`` (the newest in ``output_dir``, ``None`` if there is none) or a
-    path, which must be a complete checkpoint."""
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The id of the run that wrote the checkpoint at ``path`` (``None`` if it records none)."""
+    try:
+        return json.loads((Path(path) / _STATE_FILE).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def find_checkpoint(folder: RunFolder, resume_from_checkpoint: str) -> Path | None:
+    """The checkpoint to resume from: ``latest`` (the newest this run wrote in its folder, ``None`` if there is
+    none) or a path (relative paths are tried in the output folder too), which must be a complete checkpoint.
+
+    Raises:
+        ValueError: the path is not a complete checkpoint; the message lists this run's checkpoints.
+    """
+    ours = [p for p in list_checkpoints(folder.root) if checkpoint_run_id(p) == folder.run_id]
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        return ours[-1] if ours else None
     path = Path(resume_from_checkpoint)
     if not path.is_absolute() and not path.exists():
-        path = Path(output_dir) / path
+        path = folder.root / path
     if not (path / _STATE_FILE).is_file():
+        names = ", ".join(p.name for p in ours) or "none yet"
+        what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {_STATE_FILE})"
         raise ValueError(
-            f"--resume_from_checkpoint {resume_from_checkpoint!r}: {path} is not a complete checkpoint (no "
-            f"{_STATE_FILE}); pass 'latest' or one of {[p.name for p in list_checkpoints(output_dir)]}."
+            f"--resume_from_checkpoint {resume_from_checkpoint}: {path} {what}; pass 'latest' or a checkpoint of "
+            f"this run ({names})."
         )
     return path
 
@@ -88,4 +115,5 @@ def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) -> Path
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> TrainingState:
     """Restore the accelerator state saved by :func:`save_checkpoint` and return where the run stood."""
     accelerator.load_state(str(path))
-    return TrainingState(**json.loads((Path(path) / _STATE_FILE).read_text()))
+    saved = json.loads((Path(path) / _STATE_FILE).read_text())
+    return TrainingState(saved["global_step"], saved["epoch"], saved["batch_in_epoch"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -199,7 +200,16 @@ def load_images(
     if dataset_name and train_data_dir:
         raise ValueError("pass either --dataset_name or --train_data_dir, not both.")
     if train_data_dir:
-        return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
+        if not Path(train_data_dir).is_dir():
+            state = "is not a folder" if Path(train_data_dir).exists() else "does not exist"
+            raise ValueError(f"--train_data_dir {train_data_dir} {state}; pass the folder that holds the images.")
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
+        except FileNotFoundError as err:  # datasets' EmptyDatasetError: no file of an image type in the folder
+            raise ValueError(
+                f"--train_data_dir {train_data_dir} holds no image files datasets can read ({err}); put the images "
+                "(.png, .jpg, ...) in it or in its subfolders."
+            ) from err
     if dataset_name:
         try:
             return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)

@@ -17,19 +17,26 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 import json
 import logging
+import os
+import shlex
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
-from diffusers import UNet2DModel
+from diffusers import SchedulerMixin, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -37,11 +44,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sdekit  # noqa: E402
 from sdekit.losses import DenoisingLoss  # noqa: E402
+from sdekit.progress import Progress  # noqa: E402
+from sdekit.scheduler import shared_config  # noqa: E402
 
 from checkpoints import TrainingState, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from data import EMBEDDED_DATASET, ImageTransform, TrainingImages, load_images  # noqa: E402
 from evaluate import sample, save_grid  # noqa: E402
-from publish import HubError, create_hub_repo, push_folder, save_pipeline, write_model_card  # noqa: E402
+from publish import (  # noqa: E402
+    PIPELINE_ENTRIES,
+    HubError,
+    PushError,
+    create_hub_repo,
+    push_folder,
+    save_pipeline,
+    write_model_card,
+)
+from run_folder import OutputFolderError, RunFolder  # noqa: E402
 
 logger = logging.getLogger("sdekit.train")
 
@@ -71,6 +89,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 """Named ``UNet2DModel`` sizes for ``--model``; ``--model_config`` (a JSON file) gives any other."""
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+T = TypeVar("T")
 
 
 class UsageError(ValueError):
@@ -82,11 +101,18 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's flags; defaults are the embedded preset's."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     a = p.add_argument
     a("--config", default=None, help="a YAML preset (e.g. training/configs/default.yaml); flags override it")
     # diffusers' train_unconditional.py names
     a("--output_dir", default="sdekit-model", help="where the pipeline, checkpoints, logs and samples go")
+    a(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start a new run in an earlier run's folder (deleting only what it wrote) or in a folder of other files",
+    )
     a("--dataset_name", default=None, help="a Hub dataset (offline: must be cached)")
     a("--dataset_config_name", default=None)
     a("--train_data_dir", default=None, help="an image folder (read with datasets' imagefolder)")
@@ -204,8 +230,7 @@ def build_unet(args: argparse.Namespace, channels: int, time_input: str) -> UNet
     features (NCSN++'s choice), the others the DDPM sinusoidal embedding of ``t (N - 1)``."""
     if args.model_config:
         return UNet2DModel.from_config(json.loads(Path(args.model_config).read_text()))
-    if args.model not in MODEL_PRESETS:
-        raise UsageError(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {args.model!r}.")
+    check_model_preset(args.model)
     fourier = {"time_embedding_type": "fourier", "flip_sin_to_cos": True} if time_input == "sigma" else {}
     return UNet2DModel(
         sample_size=args.resolution, in_channels=channels, out_channels=channels, **MODEL_PRESETS[args.model], **fourier
@@ -233,9 +258,170 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 # -- training -----------------------------------------------------------------------------------------
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM: at a step boundary, after writing a checkpoint, or (outside the
+    training loop) wherever it was; the command resumes from the latest checkpoint, or starts over if none.
+
+    Attributes:
+        step: the last optimizer step done and saved (``None`` when stopped outside the training loop).
+        checkpoint: the checkpoint that holds it (``None`` outside the training loop).
+        command: the exact command that continues the run.
+    """
+
+    def __init__(self, step: int | None, checkpoint: Path | None, command: str) -> None:
+        self.step, self.checkpoint, self.command = step, checkpoint, command
+        where = "interrupted" if step is None else f"interrupted at step {step}"
+        super().__init__(f"{where}; resume with: {command}")
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only record that a stop was asked for, so that the training loop can stop
+    at the next step boundary with a complete checkpoint. The handlers in place before are restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+            logger.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def resume_command(argv: Sequence[str], args: argparse.Namespace) -> str:
+    """The command that continues this run: this script with the same flags and ``--resume_from_checkpoint
+    latest``, under ``accelerate launch`` (with its process count) if it was started that way."""
+    kept: list[str] = []
+    drop_next = False
+    for arg in argv:
+        if drop_next:
+            drop_next = False
+        elif arg == "--resume_from_checkpoint":
+            drop_next = True
+        elif not arg.startswith("--resume_from_checkpoint=") and arg != "--overwrite_output_dir":
+            kept.append(arg)
+    if args.mixed_precision != "no" and not any(a.split("=")[0] == "--mixed_precision" for a in kept):
+        kept += ["--mixed_precision", args.mixed_precision]  # it came from the launcher or accelerate's config
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes)]
+    elif "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch`
+        launcher = ["accelerate", "launch"]
+    else:
+        launcher = ["python"]
+    script = Path(__file__)
+    shown = os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
+    return shlex.join([*launcher, shown, *kept, "--resume_from_checkpoint", "latest"])
+
+
+REPLACED_NAMES: tuple[str, ...] = (*PIPELINE_ENTRIES, "README.md", "samples.png")
+"""What a run replaces whole in ``--output_dir`` at its end: the pipeline, the model card, the final grid."""
+
+
+def written_names(args: argparse.Namespace) -> list[str]:
+    """Top-level names the run writes in ``--output_dir``: :data:`REPLACED_NAMES`, grids, checkpoints and logs."""
+    names = [*REPLACED_NAMES, "samples", "checkpoint-*"]
+    logging_dir = Path(args.logging_dir)
+    if not logging_dir.is_absolute():
+        names.append(logging_dir.parts[0])
+    return names
+
+
+def _on_main(accelerator: Accelerator, action: Callable[[], T]) -> T:
+    """Run ``action`` on the main process only; its result, or the user error it raised, reaches every process."""
+    result, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            result = action()
+        except (ValueError, HubError) as err:  # a UsageError or a bad --resume_from_checkpoint: the user's to fix
+            problem = str(err)
+    result, problem = broadcast_object_list([result, problem])
+    if problem is not None:
+        raise UsageError(problem)
+    return result
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse, before anything is set up, inputs that cannot work; raises :class:`UsageError`."""
+    if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
+        state = "is not a folder" if Path(args.train_data_dir).exists() else "does not exist"
+        raise UsageError(f"--train_data_dir {args.train_data_dir} {state}; pass the folder that holds the images.")
+    if args.model_config is not None and not Path(args.model_config).is_file():
+        raise UsageError(f"--model_config {args.model_config} does not exist; pass a UNet2DModel config JSON file.")
+    if args.model_config is None:
+        check_model_preset(args.model)
+
+
+def check_model_preset(name: str) -> None:
+    """Raise :class:`UsageError` unless ``name`` is one of :data:`MODEL_PRESETS` (naming the closest one)."""
+    if name not in MODEL_PRESETS:
+        close = difflib.get_close_matches(name, MODEL_PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {name!r}{hint}.")
+
+
+def load_training_images(args: argparse.Namespace, channels: int) -> TrainingImages:
+    """The training set as tensors; a missing dataset, an empty folder or an unreadable image is a
+    :class:`UsageError` that says what to change."""
+    try:
+        raw = load_images(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
+        transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, channels)
+        return TrainingImages(
+            raw, transform, column=args.image_column, skip_bad_images=args.skip_bad_images, seed=args.seed
+        )
+    except ValueError as err:  # BadImageError, an unknown offline dataset, a wrong column, no images
+        raise UsageError(str(err)) from err
+
+
+def pipeline_scheduler(args: argparse.Namespace, time_input: str) -> SchedulerMixin:
+    """The ``--sampler`` scheduler for the trained model, configured as diffusers' ``from_config`` does: it takes
+    the keys of the shared configuration it knows (SDE, schedule, prediction type, model time) and drops the rest,
+    so any installed sampler works here."""
+    config = shared_config(scheduler_config(args, time_input))
+    # SDE parameters that are also shared keys (a VE range) are repeated there, for samplers that read those keys.
+    config.update({k: v for k, v in (args.sde_params or {}).items() if k in config})
+    takes = inspect.signature(sdekit.get_sampler_class(args.sampler).__init__).parameters
+    return sdekit.load_scheduler(args.sampler, {k: v for k, v in config.items() if k in takes})
+
+
+def log_configuration(args: argparse.Namespace, accelerator: Accelerator, images: int, max_steps: int) -> None:
+    """Log the effective configuration (every flag after presets and the launcher, mixed precision included)."""
+    per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    logger.info(
+        "training %d steps of %d images each (%d images, %d process(es) on %s, mixed precision %s)",
+        max_steps,
+        per_step,
+        images,
+        accelerator.num_processes,
+        accelerator.device,
+        args.mixed_precision,
+    )
+    width = max(map(len, vars(args)))
+    logger.info("configuration:\n%s", "\n".join(f"  {k:<{width}} {v}" for k, v in sorted(vars(args).items())))
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Train, then write the pipeline folder (and push it with ``--push_to_hub``); returns the folder."""
+    """Train, then write the pipeline folder (and push it with ``--push_to_hub``); returns the folder.
+
+    Raises:
+        UsageError: an input or setting the user must change (the message says how).
+        Interrupted: SIGINT or SIGTERM stopped the run at a step boundary; a checkpoint holds it.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    check_inputs(args)
     output_dir = Path(args.output_dir)
     # With no accelerator device, say so: accelerate then runs several processes (launched with
     # `accelerate launch --multi_gpu --num_processes N`) as a gloo process group on the CPU.
@@ -250,32 +436,70 @@ def main(argv: Sequence[str] | None = None) -> Path:
         ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     args.mixed_precision = accelerator.mixed_precision  # the one in effect, for the logs and the model card
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate would silently train in float32: say so instead.
         raise UsageError("--mixed_precision fp16 needs a GPU (on the CPU accelerate ignores it); use bf16 or no.")
+
+    command = resume_command(argv, args)
+    try:
+        return _train(args, accelerator, command)
+    except KeyboardInterrupt:  # outside the training loop, where a stop cannot wait for a step boundary
+        raise Interrupted(None, None, command) from None
+
+
+def claim_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> RunFolder:
+    """Claim ``--output_dir`` on the main process (see :meth:`RunFolder.claim`); every process gets the run's
+    folder, or the :class:`UsageError` that says why it cannot be used."""
+    folder, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            folder = RunFolder.claim(
+                args.output_dir,
+                resume=args.resume_from_checkpoint is not None,
+                overwrite=args.overwrite_output_dir,
+                written_names=written_names(args),
+                replaced_names=REPLACED_NAMES,
+            )
+        except OutputFolderError as err:
+            problem = str(err)
+    run_id, problem = broadcast_object_list([folder.run_id if folder else None, problem])
+    if problem is not None:
+        raise UsageError(problem)
+    return folder if folder is not None else RunFolder(Path(args.output_dir), run_id)
+
+
+def _train(args: argparse.Namespace, accelerator: Accelerator, command: str) -> Path:
+    output_dir = Path(args.output_dir)
     if args.push_to_hub:
         check_hub_repo(accelerator, args)
 
     # Data: the embedded digits are grayscale; other sources default to RGB.
     source = args.dataset_name or args.train_data_dir or EMBEDDED_DATASET
     channels = args.channels or (1 if source == EMBEDDED_DATASET else 3)
-    raw = load_images(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
-    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, channels)
-    images = TrainingImages(
-        raw, transform, column=args.image_column, skip_bad_images=args.skip_bad_images, seed=args.seed
-    )
+    images = load_training_images(args, channels)
     if images.skipped:
         logger.warning("skipped %d unreadable images: %s", len(images.skipped), ", ".join(images.skipped[:10]))
     sampler = EpochSampler(len(images), args.seed)
     loader = torch.utils.data.DataLoader(images, batch_size=args.train_batch_size, sampler=sampler, drop_last=True)
+    if len(loader) < accelerator.num_processes * args.gradient_accumulation_steps:
+        raise UsageError(
+            f"{len(images)} images make {len(loader)} batches of {args.train_batch_size}, fewer than one optimizer "
+            f"step needs ({accelerator.num_processes * args.gradient_accumulation_steps}); lower "
+            "--train_batch_size or --gradient_accumulation_steps."
+        )
 
     # Objective and scheduler share one SDE, model time and prediction type.
-    scheduler = sdekit.load_scheduler(args.sampler, **scheduler_config(args))
-    objective = DenoisingLoss(
-        scheduler.sde, args.objective, args.prediction_type, weighting=args.weighting, reduce=args.reduce
-    )
-    scheduler = sdekit.load_scheduler(args.sampler, **scheduler_config(args, objective.time_input))
+    try:
+        sde = sdekit.sde_from_config(scheduler_config(args))
+        objective = DenoisingLoss(
+            sde, args.objective, args.prediction_type, weighting=args.weighting, reduce=args.reduce
+        )
+        scheduler = pipeline_scheduler(args, objective.time_input)
+    except ValueError as err:  # an unknown SDE or sampler (with the closest name), a bad parameter
+        raise UsageError(str(err)) from err
+    folder = claim_output_dir(accelerator, args)  # everything checked: from here on the run writes
     set_seed(args.seed)  # the model's initial weights
     unet = build_unet(args, channels, objective.time_input)
     ema = None
@@ -311,74 +535,34 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     state = TrainingState(0, 0, 0)
     if args.resume_from_checkpoint:
-        path = find_checkpoint(output_dir, args.resume_from_checkpoint)
-        if path is None:
-            logger.info("no checkpoint in %s: starting from scratch", output_dir)
+        found = _on_main(accelerator, lambda: find_checkpoint(folder, args.resume_from_checkpoint))
+        if found is None:
+            logger.info("no checkpoint of this run in %s: starting from scratch", output_dir)
         else:
-            state = load_checkpoint(accelerator, path)
-            logger.info("resumed from %s at step %d", path, state.global_step)
+            state = load_checkpoint(accelerator, found)
+            logger.info("resumed from %s at step %d", found, state.global_step)
+    log_configuration(args, accelerator, len(images), max_steps)
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("sdekit-train", config={k: str(v) for k, v in vars(args).items()})
-    loss_log = output_dir / args.logging_dir / "loss.jsonl"
-    if accelerator.is_main_process:
-        loss_log.parent.mkdir(parents=True, exist_ok=True)
+        # Steps after the checkpoint were logged by the interrupted run; tensorboard hides them from here on.
+        purge = {"tensorboard": {"purge_step": state.global_step + 1}} if args.report_to == "tensorboard" else {}
+        accelerator.init_trackers("sdekit-train", config={k: str(v) for k, v in vars(args).items()}, init_kwargs=purge)
+    loss_log = LossLog(output_dir / args.logging_dir / "loss.jsonl", folder if accelerator.is_main_process else None)
+    loss_log.truncate(state.global_step)
 
-    global_step, epoch = state.global_step, state.epoch
-    logger.info("training %d steps of %d images (%s, %s objective)", max_steps, len(images), args.sde, args.objective)
-    while global_step < max_steps:
-        sampler.set_epoch(epoch)
-        images.set_epoch(epoch)
-        skip = state.batch_in_epoch if epoch == state.epoch else 0
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        batch_index = skip
-        window_losses: list[torch.Tensor] = []
-        for batch in batches:
-            batch_index += 1
-            with accelerator.accumulate(unet):
-                # Noise and times from (seed, step, micro-batch, process): identical after a resume.
-                gen = torch.Generator(device="cpu").manual_seed(
-                    ((args.seed * 1_000_003 + global_step) * 1_009 + batch_index) * 131 + accelerator.process_index
-                )
-                with accelerator.autocast():
-                    loss = objective(unet, batch, generator=gen).loss
-                accelerator.backward(loss)
-                window_losses.append(loss.detach())
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            step_loss = accelerator.gather(torch.stack(window_losses).mean()[None]).mean().item()
-            window_losses = []
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            if accelerator.is_main_process:
-                with loss_log.open("a") as f:
-                    f.write(json.dumps({"step": global_step, **logs}) + "\n")
-            accelerator.log(logs, step=global_step)
-            at_end = global_step >= max_steps
-            if args.checkpointing_steps and (global_step % args.checkpointing_steps == 0 or at_end):
-                next_epoch, next_batch = (epoch + 1, 0) if batch_index >= len(loader) else (epoch, batch_index)
-                save_checkpoint(
-                    accelerator,
-                    output_dir,
-                    TrainingState(global_step, next_epoch, next_batch),
-                    args.checkpoints_total_limit,
-                )
-            if args.save_images_steps and global_step % args.save_images_steps == 0 and accelerator.is_main_process:
-                write_samples(
-                    accelerator, unet, ema, scheduler, args, output_dir / "samples" / f"step-{global_step}.png"
-                )
-            if at_end:
-                break
-        state = TrainingState(global_step, epoch + 1, 0)
-        epoch += 1
+    try:
+        global_step = train_loop(
+            TrainingParts(accelerator, unet, ema, optimizer, lr_scheduler, loader, sampler, images, objective),
+            args,
+            state,
+            max_steps,
+            folder,
+            loss_log,
+            scheduler,
+            command,
+        )
+    except Interrupted:
+        end_run(accelerator, folder, args)
+        raise
 
     # Every process records what it trained, so a multi-process run can be checked for agreement.
     fingerprint = float(sum(p.detach().double().sum() for p in accelerator.unwrap_model(unet).parameters()))
@@ -387,9 +571,163 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ranks.write_text(json.dumps({"global_step": global_step, "parameter_sum": fingerprint}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish(accelerator, unet, ema, scheduler, args, output_dir, source)
-    accelerator.end_training()
+        folder.record(*sorted(ranks.parent.glob("rank-*.json")))
+        record_logs(folder, args)  # the trackers' files so far
+        try:
+            folder.check_no_foreign(REPLACED_NAMES)
+        except OutputFolderError as err:
+            raise UsageError(f"{err} The trained model is in {find_checkpoint(folder, 'latest')}.") from err
+        finish(accelerator, unet, ema, scheduler, args, folder, source)
+    end_run(accelerator, folder, args)
     return output_dir
+
+
+def end_run(accelerator: Accelerator, folder: RunFolder, args: argparse.Namespace) -> None:
+    """Close the trackers (flushing their files) and the process group; record the log folder's files."""
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        record_logs(folder, args)
+
+
+def record_logs(folder: RunFolder, args: argparse.Namespace) -> None:
+    """Record the files in ``--logging_dir`` (the loss log, the trackers' files) if it lies in the output folder."""
+    logs = folder.root / args.logging_dir
+    if logs.is_dir() and logs.is_relative_to(folder.root):
+        folder.record(logs)
+
+
+@dataclass(frozen=True)
+class TrainingParts:
+    """What the training loop steps: the prepared model, optimizer, schedule and data, and the objective."""
+
+    accelerator: Accelerator
+    unet: torch.nn.Module
+    ema: EMAModel | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    loader: torch.utils.data.DataLoader
+    sampler: EpochSampler
+    images: TrainingImages
+    objective: DenoisingLoss
+
+
+class LossLog:
+    """``logs/loss.jsonl``: one JSON line per optimizer step, written by the main process (``folder`` given)."""
+
+    def __init__(self, path: Path, folder: RunFolder | None) -> None:
+        self.path, self.folder = path, folder
+
+    def truncate(self, step: int) -> None:
+        """Forget the steps after ``step`` (logged by a run that was interrupted later than its checkpoint)."""
+        if self.folder is None or not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text("".join(line + "\n" for line in lines))
+        partial.replace(self.path)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """Append step ``step``'s values."""
+        if self.folder is None:
+            return
+        new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if new:
+            self.folder.record(self.path)
+
+
+def train_loop(
+    parts: TrainingParts,
+    args: argparse.Namespace,
+    state: TrainingState,
+    max_steps: int,
+    folder: RunFolder,
+    loss_log: LossLog,
+    scheduler: SchedulerMixin,
+    command: str,
+) -> int:
+    """Train from ``state`` to ``max_steps``; returns the last step. Raises :class:`Interrupted` (after saving a
+    checkpoint) when SIGINT or SIGTERM arrives."""
+    accelerator, unet, ema = parts.accelerator, parts.unet, parts.ema
+    global_step, epoch = state.global_step, state.epoch
+    first_step, started = global_step, time.monotonic()
+    per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    checkpoint = None
+    with (
+        StopSignals() as stop,
+        Progress(max_steps, "training", "step", initial=global_step, disable=not accelerator.is_main_process) as bar,
+    ):
+        while global_step < max_steps:
+            # accelerate's loader sets its sampler's epoch from a pass counter of its own at every pass, which a
+            # resumed run restarts at 0: give it the run's epoch, so the order is a function of (seed, epoch).
+            parts.loader.set_epoch(epoch)
+            parts.sampler.set_epoch(epoch)
+            parts.images.set_epoch(epoch)
+            skip = state.batch_in_epoch if epoch == state.epoch else 0
+            batches = accelerator.skip_first_batches(parts.loader, skip) if skip else parts.loader
+            batch_index = skip
+            window_losses: list[torch.Tensor] = []
+            for batch in batches:
+                batch_index += 1
+                with accelerator.accumulate(unet):
+                    # Noise, times and the global generator (dropout) from (seed, step, micro-batch, process):
+                    # identical after a resume.
+                    seed = ((args.seed * 1_000_003 + global_step) * 1_009 + batch_index) * 131
+                    seed += accelerator.process_index
+                    torch.manual_seed(seed)
+                    gen = torch.Generator(device="cpu").manual_seed(seed)
+                    with accelerator.autocast():
+                        loss = parts.objective(unet, batch, generator=gen).loss
+                    accelerator.backward(loss)
+                    window_losses.append(loss.detach())
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    parts.optimizer.step()
+                    parts.optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                parts.lr_scheduler.step()
+                if ema is not None:
+                    ema.step(unet.parameters())
+                global_step += 1
+                # One gather (and one host sync) per step brings every process's loss and stop request.
+                asked = torch.tensor(float(stop.received is not None), device=accelerator.device)
+                stats = accelerator.gather(torch.stack([torch.stack(window_losses).mean().float(), asked])[None])
+                losses, asks = stats.T.tolist()
+                window_losses = []
+                stopping = max(asks) > 0
+                logs = {"loss": sum(losses) / len(losses), "lr": parts.lr_scheduler.get_last_lr()[0]}
+                if ema is not None:
+                    logs["ema_decay"] = ema.cur_decay_value
+                loss_log.write(global_step, logs)
+                accelerator.log(logs, step=global_step)
+                rate = (global_step - first_step) * per_step / max(time.monotonic() - started, 1e-9)
+                bar.update(1, loss=logs["loss"], lr=logs["lr"], img_s=round(rate, 1))
+                at_end = global_step >= max_steps
+                if stopping or args.checkpointing_steps and (global_step % args.checkpointing_steps == 0 or at_end):
+                    at_epoch_end = batch_index >= len(parts.loader)
+                    next_epoch, next_batch = (epoch + 1, 0) if at_epoch_end else (epoch, batch_index)
+                    checkpoint = save_checkpoint(
+                        accelerator,
+                        folder,
+                        TrainingState(global_step, next_epoch, next_batch),
+                        args.checkpoints_total_limit,
+                    )
+                    if accelerator.is_main_process:
+                        record_logs(folder, args)
+                if args.save_images_steps and global_step % args.save_images_steps == 0 and accelerator.is_main_process:
+                    grid = folder.root / "samples" / f"step-{global_step}.png"
+                    write_samples(accelerator, unet, ema, scheduler, args, grid)
+                    folder.record(grid)
+                if stopping:
+                    raise Interrupted(global_step, checkpoint, command)
+                if at_end:
+                    break
+            state = TrainingState(global_step, epoch + 1, 0)
+            epoch += 1
+    return global_step
 
 
 def check_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> None:
@@ -426,9 +764,9 @@ def write_samples(
 ) -> Path:
     """Sample the current (EMA) model, save a PNG grid and log it to the trackers."""
     model = _eval_unet(accelerator, unet, ema)
-    images = sample(model, scheduler, args.num_sample_images, args.sample_steps, args.seed)
-    picture = save_grid(images, path)
     step = int(path.stem.split("-")[-1])
+    images = sample(model, scheduler, args.num_sample_images, args.sample_steps, args.seed, label=f"samples {step}")
+    picture = save_grid(images, path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             layout = "HW" if picture.mode == "L" else "HWC"
@@ -442,16 +780,22 @@ def finish(
     ema: EMAModel | None,
     scheduler: sdekit.SDEScheduler,
     args: argparse.Namespace,
-    output_dir: Path,
+    folder: RunFolder,
     source: str,
 ) -> None:
     """Write a sample grid, the pipeline folder that ``DiffusionPipeline.from_pretrained(output_dir)`` loads and
-    its model card; push the folder with ``--push_to_hub``."""
+    its model card, recording each in ``folder``; push the folder with ``--push_to_hub``."""
+    output_dir = folder.root
     model = _eval_unet(accelerator, unet, ema)
-    grid = sample(model, scheduler, args.num_sample_images, args.sample_steps, args.seed)
+    grid = sample(model, scheduler, args.num_sample_images, args.sample_steps, args.seed, label="final samples")
     save_grid(grid, output_dir / "samples.png")
+    folder.record(output_dir / "samples.png")
     save_pipeline(output_dir, model.cpu(), scheduler)
-    local = {"output_dir", "cache_dir", "config", "train_data_dir", "logging_dir", "resume_from_checkpoint"}
+    folder.record(*(output_dir / name for name in PIPELINE_ENTRIES))
+    local = {
+        "output_dir", "cache_dir", "config", "train_data_dir", "logging_dir", "resume_from_checkpoint",
+        "overwrite_output_dir",
+    }  # fmt: skip
     write_model_card(
         output_dir,
         sde=args.sde,
@@ -462,12 +806,31 @@ def finish(
         hub_model_id=args.hub_model_id,
         sampler=args.sampler,
     )
+    folder.record(output_dir / "README.md")
     if args.push_to_hub:
         push_folder(output_dir, args.hub_model_id, private=args.hub_private_repo)
 
 
-if __name__ == "__main__":
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command line: :func:`main` with a user's mistake, an interrupt or a failed upload reported in one line
+    (by the main process) instead of a traceback. Returns the exit status: 0 done, 2 a setting or input to
+    change, 130 interrupted (resumable), 1 the upload failed (the output is complete). ``SDEKIT_DEBUG=1`` shows the
+    traceback instead."""
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        main()
-    except (HubError, UsageError) as err:  # a clear message, not a traceback: the output (if any) is intact
-        sys.exit(f"train.py: error: {err}")
+        main(argv)
+    except (UsageError, HubError, Interrupted) as err:
+        if os.environ.get("SDEKIT_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(err, Interrupted):
+            status, line = 130, f"train.py: {err}"
+        else:
+            status, line = (1 if isinstance(err, PushError) else 2), f"train.py: error: {err}"
+        if rank0:
+            print(line, file=sys.stderr, flush=True)
+        return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -53,9 +53,15 @@ class EulerFlowScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def step(
-        self, model_output: torch.Tensor, timestep: torch.Tensor | float, sample: torch.Tensor, return_dict: bool = True
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor | float,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
     ) -> EulerFlowOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One Euler step from the current noise level to the next."""
+        """One Euler step from the current noise level to the next; ``generator`` is accepted, as pipelines pass
+        one, and unused (the step is deterministic)."""
         sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
         self._step_index += 1
         prev_sample = sample + (sigma_next - sigma) * model_output
