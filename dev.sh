@@ -33,5 +33,5 @@ fi
 export HF_HUB_OFFLINE=1
 case "$job" in
   demo) exec "$py" training/demo.py "$@" ;;
-  test) exec "$py" -m pytest -q "$@" ;;
+  test) exec "$py" -m pytest -q -n "${SDEKIT_TEST_WORKERS:-auto}" "$@" ;;
 esac
