@@ -17,7 +17,7 @@ from PIL import Image
 import sdekit
 from sdekit.testing import GaussianMixture, epsilon_oracle, score_oracle
 
-from conftest import tiny_unet
+from conftest import TINY_TRAINING, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
@@ -25,17 +25,7 @@ sys.path.insert(0, str(ROOT / "training"))
 import demo  # noqa: E402
 from evaluate import BUILTIN_RUNS, SamplerRun, data_floor, evaluate, sample, save_grid  # noqa: E402
 
-TINY_TRAINING = [
-    "--resolution", "8", "--train_batch_size", "8", "--report_to", "none", "--save_images_steps", "0",
-    "--checkpointing_steps", "0", "--sample_steps", "2", "--num_sample_images", "4", "--lr_warmup_steps", "1",
-]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():  # noqa: ANN201
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture
@@ -94,6 +84,15 @@ def test_demo_trains_then_writes_a_grid_and_a_row_per_sampler(
         assert grid.size == (3 * 168 + 4 * 4, 2 * 168 + 3 * 4)  # 6 samples of 8 x 8, 21x, on 3 x 2 with 4 px gaps
     assert {"untrained model (pf-ode-heun)", "training data (floor)"} <= set(rows)
     assert (out / "model" / "model_index.json").is_file()
+
+    # Run again, it reuses the finished training (2 steps logged once, no step trained again) and evaluates anew.
+    AcceleratorState._reset_state(True)
+    checkpoint = out / "model" / "checkpoint-2" / "model.safetensors"
+    saved = checkpoint.stat()
+    again = ["--output_dir", str(out), "--max_train_steps", "2", "--num_samples", "6", "--train_args", *TINY_TRAINING]
+    assert demo.run(again) == 0
+    assert (checkpoint.stat().st_ino, checkpoint.stat().st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)
+    assert len((out / "model" / "logs" / "loss.jsonl").read_text().splitlines()) == 2
 
 
 def _mixture_images() -> tuple[GaussianMixture, torch.Tensor, torch.Tensor]:

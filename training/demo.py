@@ -75,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     if not args.pretrained:
         report(f"demo: training the default preset for {args.max_train_steps} steps into {model_dir}")
         steps = str(args.max_train_steps)
+        # Run again, the demo reuses its finished training, or continues an interrupted one from its checkpoint.
         flags = ["--config", "default", "--output_dir", str(model_dir), "--max_train_steps", steps]
-        train.main([*flags, "--seed", str(args.seed), *args.train_args])
+        train.main([*flags, "--seed", str(args.seed), "--resume_from_checkpoint", "latest", *args.train_args])
     report(f"demo: loading the trained pipeline from {model_dir}")
     pipe = load_pipeline(model_dir)
 
@@ -103,5 +104,24 @@ def main(argv: Sequence[str] | None = None) -> str:
     return table
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command line: :func:`main`, with an interrupt or a mistake in the flags reported in one line instead of
+    a traceback. Returns the exit status: 0 done, 2 a setting to change, 130 interrupted."""
+    try:
+        main(argv)
+    except train.UsageError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 2
+    except (train.Interrupted, KeyboardInterrupt) as err:
+        where = f" at training step {err.step}" if isinstance(err, train.Interrupted) and err.step else ""
+        print(
+            f"demo.py: interrupted{where}; run the same command again to continue (finished training is reused, "
+            "an interrupted one resumes from its last checkpoint).",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())
