@@ -225,6 +225,10 @@ def test_an_interrupt_stops_at_a_step_with_a_checkpoint_and_the_resume_command(t
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
+    # The effective configuration (mixed precision included) at the start, then progress as plain lines.
+    assert "1 process(es) on cpu, mixed precision no)" in err and "  train_batch_size            8" in err
+    progress = [x for x in err.splitlines() if x.startswith("training: ")]
+    assert progress and all("\r" not in x and " loss=" in x and " lr=" in x and " img_s=" in x for x in progress)
     line = [x for x in err.splitlines() if x.startswith("train.py: interrupted at step ")]
     assert len(line) == 1, err[-3000:]
     step = int(line[0].split("interrupted at step ")[1].split(";")[0])
