@@ -16,7 +16,7 @@ import pytest
 from huggingface_hub import HfApi, RepoFile, RepoFolder, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RevisionNotFoundError
 
-from sdekit.testing.hub_server import LFS_SIZE_THRESHOLD, HubServer
+from hub_server import LFS_SIZE_THRESHOLD, HubServer
 
 TOKEN = "hf_test_token"
 

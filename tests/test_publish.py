@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sdekit
-from sdekit.testing.hub_server import HubServer
+
+from hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))

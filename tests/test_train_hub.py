@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file
 
-from sdekit.testing.hub_server import HubServer
+from hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_train_secret_7d41a2"

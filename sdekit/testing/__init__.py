@@ -5,7 +5,6 @@ A :class:`GaussianMixture` stays a mixture under every affine-Gaussian SDE, so i
 gives the mixture back.
 """
 
-from .hub_server import HubServer
 from .metrics import (
     frechet_distance,
     gaussian_frechet_distance,
@@ -18,7 +17,6 @@ from .oracle import MixtureScoreModel, epsilon_oracle, score_oracle
 
 __all__ = [
     "GaussianMixture",
-    "HubServer",
     "MixtureScoreModel",
     "epsilon_oracle",
     "frechet_distance",

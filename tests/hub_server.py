@@ -5,6 +5,9 @@ push commits (regular files inline, large or binary files through the basic Git 
 files, and pin downloads to a commit. It uses only the standard library, listens on ``127.0.0.1`` and keeps its
 blobs in a temporary directory that is removed when it stops.
 
+A test helper: it lives in ``tests/`` and is not installed with sdekit. Tests import it as
+``from hub_server import HubServer`` (pytest puts ``tests/`` on ``sys.path``).
+
 Endpoints:
 
 * ``GET /api/whoami-v2``; ``POST /api/repos/create``; ``POST /api/validate-yaml``;
