@@ -26,14 +26,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .models import model_device_dtype, model_prediction
 from .parametrization import split_model_output
 
 __all__ = [
     "GaussianReverseProcess",
     "GaussianStep",
     "discretized_gaussian_log_likelihood",
-    "model_device_dtype",
-    "model_prediction",
     "nll_bound",
 ]
 
@@ -94,29 +93,6 @@ class GaussianReverseProcess(Protocol):
 
     def gaussian_steps(self, variance: str | None = None, eta: float | None = None) -> list[GaussianStep]:
         """The trajectory's Gaussian reverse kernels, decoder last."""
-
-
-def model_prediction(model: Any, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
-    """Call a diffusers-style model and return its prediction tensor.
-
-    Args:
-        model: called as ``model(sample, timestep)``; it returns a tensor, a tuple whose first item is one, or an
-            object with a ``.sample`` tensor (as ``UNet2DModel`` does).
-        sample: the model input.
-        timestep: the model's timestep input, a number or a tensor (passed as a tensor on ``sample``'s device).
-    """
-    output = model(sample, torch.as_tensor(timestep, device=sample.device))
-    if torch.is_tensor(output):
-        return output
-    prediction = getattr(output, "sample", None)
-    if torch.is_tensor(prediction):
-        return prediction
-    if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-        return output[0]
-    raise TypeError(
-        f"the model returned {type(output).__name__}; expected a tensor, a tuple whose first item is one, or an "
-        "object with a .sample tensor (as diffusers' UNet2DModel returns)."
-    )
 
 
 def _log_normal_cdf_difference(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
@@ -181,20 +157,6 @@ def _check_8bit(x0: torch.Tensor, data_range: Sequence[float], num_bins: int) ->
             "that grid; quantise it first, e.g. x0 = ((x0 + 1) * 127.5).round() / 127.5 - 1 for 8-bit data in "
             "[-1, 1]."
         )
-
-
-def model_device_dtype(model: Any, like: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    """Where and in which dtype ``model`` takes its inputs: its ``device`` / ``dtype`` attributes (diffusers
-    models), else its first parameter's, else those of the tensor ``like`` (float32 if ``like`` is not float)."""
-    device, dtype = getattr(model, "device", None), getattr(model, "dtype", None)
-    if not isinstance(device, torch.device) or not isinstance(dtype, torch.dtype):
-        parameters = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
-        first = next(parameters, None)
-        if first is not None:
-            device, dtype = first.device, first.dtype
-        else:
-            device, dtype = like.device, like.dtype if like.is_floating_point() else torch.float32
-    return device, dtype
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .models import model_prediction
 from .parametrization import (
     PREDICTION_TYPES,
     check_choice,
@@ -51,11 +52,6 @@ class LossOutput(NamedTuple):
 
     loss: torch.Tensor
     per_sample: torch.Tensor
-
-
-def _is_variance_exploding(sde: SDE) -> bool:
-    # The VE SDE is the one that maps noise levels back to times (what the ``sigma`` time input needs).
-    return not isinstance(sde, VPTypeSDE) and callable(getattr(sde, "t_from_sigma", None))
 
 
 class DenoisingLoss:
@@ -84,7 +80,8 @@ class DenoisingLoss:
         eps: smallest time drawn by ``dsm``; default ``sde.sampling_eps``. ``sigma(eps)`` must be positive.
 
     Attributes:
-        time_input: the model's time convention, ``sigma`` for the VE SDE and ``ddpm`` otherwise.
+        time_input: the model's time convention, the SDE's own :meth:`~sdekit.sde.SDE.default_time_input`
+            (``sigma`` for VE, ``ddpm`` for VP and sub-VP).
         prediction_type, kind, weighting, reduce, eps: the validated arguments (``eps`` resolved).
     """
 
@@ -114,14 +111,14 @@ class DenoisingLoss:
                     "prediction_type='score' is not an L_simple target; kind='ddpm' allows 'epsilon', "
                     "'v_prediction' or 'sample' (kind='dsm' trains score models)."
                 )
-        if kind == "smld" and not _is_variance_exploding(sde):
+        if kind == "smld" and not (sde.is_variance_exploding() and sde.default_time_input() == "sigma"):
             raise ValueError(
-                f"kind='smld' needs the VE SDE (its geometric noise levels), got {name}; "
-                "use kind='ddpm' or kind='dsm' for VP / sub-VP."
+                f"kind='smld' needs a variance-exploding SDE on noise levels (x_t = x_0 + sigma(t) z, a model "
+                f"conditioned on sigma), such as ve; got {name}. Use kind='ddpm' or kind='dsm' for VP / sub-VP."
             )
         if weighting == "likelihood" and kind != "dsm":
             raise ValueError(f"weighting='likelihood' applies to kind='dsm' only, got kind={kind!r}.")
-        self.time_input = "sigma" if _is_variance_exploding(sde) else "ddpm"
+        self.time_input = sde.default_time_input()
         self.eps = sde.sampling_eps if eps is None else float(eps)
         if not (0.0 <= self.eps < sde.T):
             raise ValueError(f"eps must lie in [0, {sde.T}), got {eps!r}.")
@@ -175,13 +172,7 @@ class DenoisingLoss:
         timestep = to_model_time(self.sde, tt.flatten(), self.time_input)
         if self.kind == "ddpm":
             timestep = timestep.round().long()
-        output = model(x_t.to(x0.dtype), timestep)
-        output = getattr(output, "sample", output)
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if not torch.is_tensor(output) or output.shape != x0.shape:
-            shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
-            raise ValueError(f"the model returned {shape}; it must return a tensor shaped like x_t, {tuple(x0.shape)}.")
+        output = model_prediction(model, x_t.to(x0.dtype), timestep, expect_shape=True)
         residual = output.to(dtype) - compose_model_output(x0c, z, alpha, sigma, self.prediction_type)
         if self.kind == "ddpm":
             # Ho et al. (2020), eq. 14: the unweighted squared error in the model's own output space.

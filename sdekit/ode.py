@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .likelihood import model_prediction
+from .models import model_prediction
 from .parametrization import PREDICTION_TYPES, TIME_INPUTS, check_choice, model_output_to, to_model_time
 from .sampling import check_finite
 from .sde import SDE, ScoreFn, TimeLike, compute_dtype
@@ -38,13 +38,6 @@ class ODEResult:
     nfe: int
 
 
-def _default_time_input(sde: SDE) -> str:
-    """``sigma`` for variance-exploding SDEs (kernel scale ``alpha(t) = 1``; NCSN-style models take the noise
-    level), ``ddpm`` otherwise: the defaults of sdekit's schedulers."""
-    alpha = sde.marginal_coeffs(torch.tensor(sde.T, dtype=torch.float64))[0]
-    return "sigma" if float(alpha) == 1.0 else "ddpm"
-
-
 def model_score_fn(
     model: torch.nn.Module, sde: SDE, prediction_type: str = "epsilon", time_input: str | None = None
 ) -> ScoreFn:
@@ -55,11 +48,11 @@ def model_score_fn(
             returns a tensor, a tuple, or an object with ``.sample`` (e.g. a ``UNet2DModel``).
         sde: the SDE the model was trained with.
         prediction_type: what the model predicts: ``epsilon`` (default), ``v_prediction``, ``sample``, ``score``.
-        time_input: the model's timestep units, ``ddpm``, ``sigma`` or ``continuous``; ``None`` (default) is
-            ``sigma`` for a variance-exploding SDE and ``ddpm`` otherwise, as in sdekit's schedulers.
+        time_input: the model's timestep units, ``ddpm``, ``sigma`` or ``continuous``; ``None`` (default) is the
+            SDE's own :meth:`~sdekit.sde.SDE.default_time_input`, as in sdekit's schedulers.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    time_input = _default_time_input(sde) if time_input is None else check_choice("time_input", time_input, TIME_INPUTS)
+    time_input = sde.default_time_input() if time_input is None else check_choice("time_input", time_input, TIME_INPUTS)
 
     def score_fn(x: torch.Tensor, t: TimeLike) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device, dtype=compute_dtype(x.dtype))
@@ -102,8 +95,8 @@ def sample_ode(
         x_T: the starting point at ``t = T`` (deterministic decoding); integration runs in its dtype and device.
         prediction_type: with ``model``: ``epsilon`` (``None``, the default), ``v_prediction``, ``sample``,
             ``score``.
-        time_input: with ``model``: ``ddpm``, ``sigma`` or ``continuous``; ``None`` (default) is ``sigma`` for a
-            variance-exploding SDE and ``ddpm`` otherwise.
+        time_input: with ``model``: ``ddpm``, ``sigma`` or ``continuous``; ``None`` (default) is the SDE's own
+            :meth:`~sdekit.sde.SDE.default_time_input`.
         rtol, atol: the solver's relative and absolute tolerances, default 1e-5 each (the reference code's).
         method: a torchdiffeq adaptive solver: ``dopri5`` (default), ``dopri8``, ``bosh3``, ``fehlberg2``,
             ``adaptive_heun``.

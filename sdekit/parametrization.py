@@ -138,25 +138,20 @@ def to_model_time(sde: SDE, t: TimeLike, time_input: str) -> torch.Tensor:
     if time_input == "ddpm":
         return t * (sde.N - 1)
     if time_input == "sigma":
-        return sde.marginal_coeffs(t.to(compute_dtype(t.dtype)))[1]
+        return sde.sigma(t)
     return t
 
 
 def from_model_time(sde: SDE, timestep: TimeLike, time_input: str) -> torch.Tensor:
     """Continuous time ``t`` for a model timestep; inverse of :func:`to_model_time`.
 
-    For ``sigma`` the SDE must provide ``t_from_sigma`` (the VE SDE does).
+    For ``sigma`` the SDE's :meth:`~sdekit.sde.SDE.t_from_sigma` maps noise levels back (the VE SDE defines it;
+    for an SDE that does not, it raises ``ValueError``).
     """
     check_choice("time_input", time_input, TIME_INPUTS)
     timestep = time_tensor(timestep)
     if time_input == "ddpm":
         return timestep / (sde.N - 1)
     if time_input == "sigma":
-        inverse = getattr(sde, "t_from_sigma", None)
-        if inverse is None:
-            raise ValueError(
-                f"{type(sde).__name__} has no t_from_sigma(), so sigma model times cannot be mapped back to t; "
-                "use time_input='ddpm' or 'continuous' with this SDE."
-            )
-        return inverse(timestep)
+        return sde.t_from_sigma(timestep)
     return timestep

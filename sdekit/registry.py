@@ -71,6 +71,16 @@ PLUGIN_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 """Valid plugin names: lower-case letters and digits in words joined by single hyphens, starting with a letter."""
 
 SDE_METHODS = ("sde", "marginal_prob", "marginal_coeffs", "prior_sampling", "prior_logp", "discretize", "reverse")
+SDE_DECLARATIONS = (
+    "config_params",
+    "scheduler_params",
+    "default_time_input",
+    "prior_std",
+    "is_discrete",
+    "sigma",
+    "t_from_sigma",
+)
+"""What an SDE declares about itself (see :class:`sdekit.sde.SDE`); a subclass of ``SDE`` inherits defaults."""
 SAMPLER_METHODS = ("set_timesteps", "step", "scale_model_input", "add_noise")
 
 _BUILTIN_DISTRIBUTION = "sdekit"
@@ -323,7 +333,9 @@ def validate_plugin(obj: object, kind: str) -> None:
     * Both kinds: ``obj`` is a class, not abstract, whose ``sdekit_api_version`` (if declared) equals
       :data:`API_VERSION`. An undeclared version is assumed compatible.
     * ``"sde"``: a subclass of :class:`sdekit.sde.SDE`, or a class with callables ``sde``, ``marginal_prob``,
-      ``marginal_coeffs``, ``prior_sampling``, ``prior_logp``, ``discretize`` and ``reverse``.
+      ``marginal_coeffs``, ``prior_sampling``, ``prior_logp``, ``discretize`` and ``reverse`` and the declared
+      conventions :data:`SDE_DECLARATIONS` (``config_params``, ``scheduler_params``, ``default_time_input``,
+      ``prior_std``, ``is_discrete``, ``sigma``, ``t_from_sigma``).
     * ``"sampler"``: a subclass of diffusers' ``SchedulerMixin`` and ``ConfigMixin`` with callables
       ``set_timesteps``, ``step``, ``scale_model_input`` and ``add_noise``.
 
@@ -343,7 +355,9 @@ def validate_plugin(obj: object, kind: str) -> None:
         )
     if kind == "sde":
         required = () if issubclass(obj, SDE) else SDE_METHODS
+        undeclared = [] if issubclass(obj, SDE) else [name for name in SDE_DECLARATIONS if not hasattr(obj, name)]
     else:
+        undeclared = []
         missing_bases = [base.__name__ for base in (SchedulerMixin, ConfigMixin) if not issubclass(obj, base)]
         if missing_bases:
             raise InvalidPluginError(
@@ -351,7 +365,7 @@ def validate_plugin(obj: object, kind: str) -> None:
                 f"{obj.__qualname__} is not a diffusers scheduler: it does not subclass {' and '.join(missing_bases)}",
             )
         required = SAMPLER_METHODS
-    missing = [method for method in required if not callable(getattr(obj, method, None))]
+    missing = [method for method in required if not callable(getattr(obj, method, None))] + undeclared
     if missing:
         raise InvalidPluginError(
             "protocol-error", f"{obj.__qualname__} lacks the {kind} protocol method(s) {', '.join(missing)}"

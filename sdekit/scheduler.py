@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import abc
 import inspect
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +39,10 @@ from .parametrization import (
     split_model_output,
     to_model_time,
 )
-from .registry import get_sampler_class, get_sde, list_plugins, registered_name
-from .sde import SDE, TimeLike, broadcast_time, compute_dtype
+from .registry import get_sampler_class, get_sde, get_sde_class, list_plugins, registered_name
+from .sde import SDE, TimeLike, VPTypeSDE, broadcast_time, compute_dtype
 
-__all__ = ["COMMON_CONFIG", "SDEScheduler", "SDESchedulerOutput", "prior_std", "sde_from_config", "shared_config"]
+__all__ = ["COMMON_CONFIG", "SDEScheduler", "SDESchedulerOutput", "sde_from_config", "shared_config"]
 
 COMMON_CONFIG = (
     "num_train_timesteps",
@@ -92,15 +91,6 @@ class SDESchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-def prior_std(sde: SDE) -> float:
-    """Standard deviation of an isotropic Gaussian prior, read off ``prior_logp`` at the origin.
-
-    For ``N(0, s^2)`` in one dimension ``log p(0) = -log(2 pi) / 2 - log s``.
-    """
-    logp0 = sde.prior_logp(torch.zeros(1, 1, dtype=torch.float64))
-    return float(torch.exp(-logp0[0] - 0.5 * math.log(2 * math.pi)))
-
-
 def shared_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with every SDE key of the shared configuration present, missing ones at :class:`SDEScheduler`'s
     defaults (``sde``, ``sde_params``, the DDPM table, ``sigma_min`` / ``sigma_max``, ``sampling_eps``).
@@ -112,25 +102,16 @@ def shared_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def sde_from_config(config: Mapping[str, Any]) -> SDE:
-    """The SDE a scheduler configuration describes: ``config["sde"]`` built from ``sde_params``, or else from the
-    shared keys (the DDPM table for ``vp`` / ``subvp``, ``sigma_min`` / ``sigma_max`` / ``num_train_timesteps``
-    for ``ve``), with ``sampling_eps`` if set. Missing keys take :class:`SDEScheduler`'s defaults.
+    """The SDE a scheduler configuration describes: the plugin ``config["sde"]`` built from the arguments it
+    picks itself (:meth:`sdekit.sde.SDE.scheduler_params`: ``sde_params``, or else the shared keys that describe
+    it, such as the DDPM table for ``vp`` / ``subvp`` or ``sigma_min`` / ``sigma_max`` for ``ve``). Missing keys
+    take :class:`SDEScheduler`'s defaults.
 
     This is how every sdekit scheduler builds its SDE, so the trainer's objective and a saved pipeline's
     scheduler agree on it.
     """
     c = shared_config(config)
-    if c["sde_params"] is not None:
-        params = dict(c["sde_params"])
-    elif c["sde"] in ("vp", "subvp"):
-        params = {key: c[key] for key in _DDPM_KEYS}
-    elif c["sde"] == "ve":
-        params = {"sigma_min": c["sigma_min"], "sigma_max": c["sigma_max"], "N": c["num_train_timesteps"]}
-    else:
-        params = {}
-    if c["sampling_eps"] is not None:
-        params["sampling_eps"] = c["sampling_eps"]
-    return get_sde(c["sde"], **params)
+    return get_sde(c["sde"], **get_sde_class(c["sde"]).scheduler_params(c))
 
 
 def _diffusers_defaults(class_name: str) -> dict[str, Any]:
@@ -170,7 +151,8 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
             1e-3 for continuous VP / sub-VP, 1e-5 for VE).
         prediction_type: what the model returns: ``epsilon`` (default), ``v_prediction``, ``sample``, ``score``.
         time_input: the model's timestep units, ``ddpm`` (``t (N - 1)``), ``sigma`` or ``continuous``; ``None``
-            (default) is ``sigma`` for VE and ``ddpm`` otherwise.
+            (default) is the SDE's own :meth:`~sdekit.sde.SDE.default_time_input` (``sigma`` for VE, ``ddpm`` for VP
+            and sub-VP).
         clip_sample: clip the predicted ``x_0`` to ``[-clip_sample_range, clip_sample_range]``; default False.
         clip_sample_range: default 1.0.
         check_finite: after every step, raise if the sample holds NaN or Inf. Off by default: the check makes
@@ -196,14 +178,12 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         """Build the SDE and validate the shared configuration; subclasses call this from ``__init__``."""
         c = self.config
         check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
-        if c.sde_params is not None and not isinstance(c.sde_params, Mapping):
-            raise ValueError(f"sde_params must be a dict of SDE parameters or None, got {c.sde_params!r}.")
         if c.clip_sample_range <= 0:
             raise ValueError(f"clip_sample_range must be > 0, got {c.clip_sample_range!r}.")
         self.sde: SDE = sde_from_config(c)
-        self.time_input = c.time_input or ("sigma" if c.sde == "ve" else "ddpm")
+        self.time_input = c.time_input or self.sde.default_time_input()
         check_choice("time_input", self.time_input, TIME_INPUTS)
-        self.init_noise_sigma = prior_std(self.sde)
+        self.init_noise_sigma = self.sde.prior_std()
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self._eval_times: list[float] = []
@@ -220,12 +200,18 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         ``sampling_eps``, score outputs and ``sigma`` model time (``snr`` and ``correct_steps`` go to samplers
         that take them). DDPM-style configs keep their beta schedule. Keys the original class left at its own
         defaults take that class's defaults, not sdekit's.
+
+        The result's config has diffusers' form: the keys the source left at its defaults are listed in
+        ``_use_default_values`` again. Those whose default is also this class's are not passed on, as diffusers'
+        ``from_config`` does; those whose default differs are passed (sdekit's rule above) yet still listed. So a
+        round trip through a compatible sdekit class gives back the same config.
         """
         if config is None:
             raise ValueError("from_config needs a config (e.g. pipe.scheduler.config).")
         config = dict(config)
-        # A scheduler's config holds the value of every key, defaults included; diffusers would drop the keys
-        # listed here and so replace the source scheduler's defaults with this class's.
+        # A scheduler's config holds the value of every key, defaults included. diffusers drops the keys listed
+        # here, so the source's defaults become this class's; sdekit keeps a source default that differs from its
+        # own (DDPMScheduler's clip_sample=True stays True), and drops the rest below, as diffusers does.
         used_defaults = config.pop("_use_default_values", [])
         source = _source_class(config)
         for key in ("rescale_betas_zero_snr", "thresholding"):
@@ -244,7 +230,34 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
                 config.setdefault("sigma_max", defaults.get("sigma_max"))
                 if "correct_steps" in config:
                     config["corrector_steps"] = config.pop("correct_steps")
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+        def same(value: Any, default: Any) -> bool:
+            if value is None or default is None:
+                return value is default
+            try:
+                return bool(value == default)
+            except (TypeError, ValueError, RuntimeError):  # arrays and tensors compare elementwise
+                return False
+
+        own_defaults = {
+            name: param.default
+            for name, param in inspect.signature(cls.__init__).parameters.items()
+            if param.default is not inspect.Parameter.empty
+        }
+        carried = set()  # the source's defaults that differ from this class's: passed, yet still defaults
+        for key in used_defaults:
+            if key in config and (key not in own_defaults or same(config[key], own_defaults[key])):
+                del config[key]
+            elif key in own_defaults and key in config and key not in kwargs:
+                carried.add(key)
+        built = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if carried:
+            scheduler = built[0] if return_unused_kwargs else built
+            # Listed as diffusers lists the defaults of a directly constructed scheduler, so that a later switch
+            # drops them again instead of taking them for the user's settings.
+            defaults = set(scheduler.config.get("_use_default_values", [])) | carried
+            scheduler.register_to_config(_use_default_values=[key for key in own_defaults if key in defaults])
+        return built
 
     @classmethod
     def _get_compatibles(cls) -> list[type]:
@@ -281,9 +294,6 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         """sdekit models take ``x_t`` unscaled: returns ``sample``."""
         return sample
 
-    def _is_discrete(self) -> bool:
-        return bool(getattr(self.sde, "is_discrete", False))
-
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -316,7 +326,7 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
             raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        if self._is_discrete() and num_inference_steps > self.config.num_train_timesteps:
+        if self.sde.is_discrete and num_inference_steps > self.config.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} exceeds the {self.config.num_train_timesteps} noise "
                 "levels of this discrete schedule; use at most num_train_timesteps."
@@ -403,9 +413,23 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | TimeLike
     ) -> torch.Tensor:
-        """``x_t = alpha(t) x_0 + sigma(t) noise`` at model timesteps ``timesteps`` (one per sample or one for all)."""
+        """``x_t = alpha(t) x_0 + sigma(t) noise`` at model timesteps ``timesteps``.
+
+        As in diffusers' schedulers, ``timesteps`` holds one timestep per sample (shape ``(B,)``) or one for the
+        whole batch (a number, a 0-d tensor, or shape ``(1,)``, e.g. ``scheduler.timesteps[k][None]``).
+        """
         t = from_model_time(self.sde, torch.as_tensor(timesteps, device=original_samples.device), self.time_input)
-        tt = broadcast_time(t.flatten() if t.ndim else t, original_samples)
+        batch = original_samples.shape[0] if original_samples.ndim else 1
+        if t.numel() == 1:
+            t = t.reshape(())
+        elif t.numel() == batch:
+            t = t.reshape(batch)
+        else:
+            raise ValueError(
+                f"add_noise needs one timestep per sample ({batch}) or one for the whole batch; got timesteps of "
+                f"shape {tuple(t.shape)} for samples of shape {tuple(original_samples.shape)}."
+            )
+        tt = broadcast_time(t, original_samples)
         alpha, sigma = self.sde.marginal_coeffs(tt)
         noisy = alpha * original_samples.to(tt.dtype) + sigma * noise.to(tt.dtype)
         return noisy.to(original_samples.dtype)
@@ -465,3 +489,61 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         eta: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation ``index``'s update: ``(prev_sample, pred_original_sample)``."""
+
+    # -- diffusers' DDPM table: betas, alphas, alphas_cumprod (VP-type SDEs only) -------------------------
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """``beta_k = 1 - alpha_bar_k / alpha_bar_{k-1}`` of the ``N`` training levels, float32, as diffusers'
+        ``DDPMScheduler.betas`` (on a DDPM table, that table exactly). VP-type SDEs only (:meth:`_ddpm_table`)."""
+        return self._ddpm_table()[0]
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """``1 - betas``, float32, as diffusers' ``alphas``. VP-type SDEs only."""
+        return self._ddpm_table()[1]
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """``alpha_bar_k``, the cumulative product of :attr:`alphas` in float32, as diffusers' ``alphas_cumprod``.
+        VP-type SDEs only."""
+        return self._ddpm_table()[2]
+
+    def _ddpm_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(betas, alphas, alphas_cumprod)`` of a VP-type SDE (:class:`~sdekit.sde.VPTypeSDE`) at its ``N``
+        training levels ``k``, continuous time ``t_k = k / (N - 1)`` (model time ``k`` on ``ddpm`` time input).
+
+        Built as diffusers builds them: float32 betas, ``alphas = 1 - betas``, a float32 cumulative product. The
+        betas come from the SDE, ``-expm1(log alpha_bar(t_k) - log alpha_bar(t_{k-1}))`` with
+        ``alpha_bar(t_{-1}) = 1``, so on a DDPM table they are the table's betas bit for bit, and a continuous VP
+        SDE gets the table of its levels (``beta_0 = 0`` for the linear schedule: level 0 is the clean data). For
+        sub-VP, ``alphas_cumprod`` is the squared mean coefficient; its noise std is ``1 - alpha_bar``, not
+        ``sqrt(1 - alpha_bar)``. Other SDEs have no such table: the attributes raise ``AttributeError``.
+        """
+        sde = self.__dict__.get("sde")
+        if not isinstance(sde, VPTypeSDE):
+            raise AttributeError(self._no_ddpm_table_message())
+        cached = self.__dict__.get("_ddpm_table_cache")
+        if cached is None or cached[0] is not sde:
+            n = sde.N
+            levels = torch.arange(-1, n, dtype=torch.float64) / max(n - 1, 1)
+            log_abar = sde.log_alpha_bar(levels)
+            log_abar[0] = 0.0  # the clean data before level 0
+            betas = (-torch.expm1(log_abar[1:] - log_abar[:-1])).to(torch.float32)
+            alphas = 1.0 - betas
+            cached = (sde, betas, alphas, torch.cumprod(alphas, dim=0))
+            self.__dict__["_ddpm_table_cache"] = cached
+        return cached[1], cached[2], cached[3]
+
+    def _no_ddpm_table_message(self, name: str = "betas / alphas / alphas_cumprod") -> str:
+        sde = self.__dict__.get("sde")
+        return (
+            f"{type(self).__name__} has no {name}: its SDE ({sde!r}) is not VP-type, so there is no DDPM table "
+            "of betas. Read the noise schedule from the SDE instead: scheduler.sde.marginal_coeffs(t)."
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # A property that raises AttributeError falls through to __getattr__; keep its message.
+        if name in ("betas", "alphas", "alphas_cumprod"):
+            raise AttributeError(self._no_ddpm_table_message(name))
+        return super().__getattr__(name)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Sequence
-from typing import Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -83,6 +83,11 @@ def gaussian_log_prob(z: torch.Tensor, std: float | torch.Tensor) -> torch.Tenso
     return -0.5 * dims * math.log(2 * math.pi) - dims * torch.log(std) - 0.5 * sq / std**2
 
 
+def _probe_times(sde: SDE) -> torch.Tensor:
+    """A few float64 times across ``[sampling_eps, T]`` at which a property of the kernel is checked."""
+    return torch.linspace(max(sde.sampling_eps, 1e-3), sde.T, 7, dtype=torch.float64)
+
+
 def _check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -93,6 +98,16 @@ class SDE(abc.ABC):
 
     Subclasses implement :meth:`sde`, :meth:`marginal_coeffs`, :meth:`prior_sampling` and :meth:`prior_logp`;
     :meth:`marginal_prob`, :meth:`discretize` (Euler-Maruyama) and :meth:`reverse` are derived from them.
+
+    An SDE also declares its own conventions, which sdekit's schedulers, losses and solvers ask it for instead of
+    guessing from its name; the defaults below suit an SDE with no noise-level parametrization, and each SDE
+    overrides what differs:
+
+    * :meth:`scheduler_params` / :meth:`config_params`: how it is built from a scheduler configuration;
+    * :meth:`default_time_input`: the model's timestep units (``ddpm``, ``sigma`` or ``continuous``);
+    * :meth:`prior_std`: the standard deviation of its isotropic Gaussian prior;
+    * :attr:`is_discrete`: whether it lives on a table of training levels;
+    * :meth:`sigma` and :meth:`t_from_sigma`: noise level <-> time.
 
     Args:
         N: number of discretization steps the SDE is usually simulated with (the reference code's ``N``).
@@ -134,6 +149,78 @@ class SDE(abc.ABC):
     @abc.abstractmethod
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density of the prior at each sample of ``z``: a tensor of shape ``(B,)``."""
+
+    # -- what an SDE declares about itself ------------------------------------------------------------
+
+    @classmethod
+    def config_params(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments taken from a scheduler configuration's shared keys (``num_train_timesteps``,
+        the DDPM table, ``sigma_min`` / ``sigma_max``, ...) when it gives no ``sde_params``.
+
+        The default takes none: the SDE's own defaults. The VP family takes the DDPM table, the VE SDE its noise
+        range; a plugin picks whatever keys describe it.
+        """
+        return {}
+
+    @classmethod
+    def scheduler_params(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments for the SDE a scheduler configuration describes: ``config["sde_params"]`` if
+        given, else :meth:`config_params`, plus ``sampling_eps`` if the configuration sets it
+        (:func:`sdekit.sde_from_config` builds the SDE from them)."""
+        sde_params = config.get("sde_params")
+        if sde_params is not None and not isinstance(sde_params, Mapping):
+            raise ValueError(f"sde_params must be a dict of SDE parameters or None, got {sde_params!r}.")
+        params = dict(sde_params) if sde_params is not None else cls.config_params(config)
+        if config.get("sampling_eps") is not None:
+            params["sampling_eps"] = config["sampling_eps"]
+        return params
+
+    def default_time_input(self) -> str:
+        """The model's timestep units when a configuration does not say: ``continuous`` (``t`` itself) unless the
+        SDE declares otherwise (``ddpm`` for the VP family, ``sigma`` for VE)."""
+        return "continuous"
+
+    def prior_std(self) -> float:
+        """Standard deviation of the isotropic Gaussian prior (a scheduler's ``init_noise_sigma``).
+
+        The default reads it off :meth:`prior_logp` at the origin: for ``N(0, s^2)`` in one dimension
+        ``log p(0) = -log(2 pi) / 2 - log s``.
+        """
+        logp0 = self.prior_logp(torch.zeros(1, 1, dtype=torch.float64))
+        return float(torch.exp(-logp0[0] - 0.5 * math.log(2 * math.pi)))
+
+    @property
+    def is_discrete(self) -> bool:
+        """Whether the SDE lives on a table of ``N`` training levels at ``t_i = i / (N - 1)`` (samplers then visit
+        at most ``N`` levels). Default False."""
+        return False
+
+    def sigma(self, t: TimeLike) -> torch.Tensor:
+        """The noise level at time ``t``: the std of the transition kernel, ``marginal_coeffs(t)[1]``."""
+        t = time_tensor(t)
+        return self.marginal_coeffs(t.to(compute_dtype(t.dtype)))[1]
+
+    def t_from_sigma(self, sigma: TimeLike) -> torch.Tensor:
+        """The time whose noise level is ``sigma``: the inverse of :meth:`sigma`, where the SDE defines one.
+
+        Raises:
+            ValueError: the SDE does not define it (the default), so ``sigma`` model times cannot be mapped back.
+        """
+        raise ValueError(
+            f"{type(self).__name__} does not define t_from_sigma(), so sigma model times cannot be mapped back to t; "
+            "use time_input='ddpm' or 'continuous' with this SDE."
+        )
+
+    def is_variance_exploding(self) -> bool:
+        """Whether the kernel's scale is 1 (``x_t = x_0 + sigma(t) z``): checked on ``marginal_coeffs``."""
+        alpha, _ = self.marginal_coeffs(_probe_times(self))
+        return bool(torch.allclose(alpha, torch.ones_like(alpha), rtol=0, atol=1e-12))
+
+    def is_variance_preserving(self) -> bool:
+        """Whether ``alpha(t)^2 + sigma(t)^2 = 1`` (the VP SDE, DDPM): checked on ``marginal_coeffs``."""
+        alpha, sigma = self.marginal_coeffs(_probe_times(self))
+        total = alpha**2 + sigma**2
+        return bool(torch.allclose(total, torch.ones_like(total), rtol=0, atol=1e-9))
 
     # -- derived --------------------------------------------------------------------------------------
 

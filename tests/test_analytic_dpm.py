@@ -24,8 +24,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sdekit
 from sdekit.likelihood import nll_bound
 from sdekit.testing import GaussianMixture, epsilon_oracle, frechet_distance
-from sdekit_analytic_dpm import AnalyticDPMScheduler
-from sdekit_analytic_dpm.trajectory import even_levels, optimal_levels, quadratic_levels
+from sdekit_analytic_dpm import VARIANCES, AnalyticDPMScheduler
+from sdekit_analytic_dpm.gamma import estimate_gamma_levels
+from sdekit_analytic_dpm.kernel import plan_steps, to_gaussian_steps
+from sdekit_analytic_dpm.trajectory import (
+    even_levels,
+    optimal_candidates,
+    optimal_levels,
+    quadratic_levels,
+    step_costs,
+)
 from sdekit_ddim import DDIMSDEScheduler
 
 from conftest import tiny_unet
@@ -134,6 +142,34 @@ def test_optimal_trajectory_is_solved_once_per_k(gammas: dict[str, list[float]],
     assert calls == [10, 12]
 
 
+def _table(scheduler: AnalyticDPMScheduler) -> torch.Tensor:
+    """``log alpha_bar`` at every level of the scheduler's table, from its SDE's public API."""
+    return scheduler.sde.log_alpha_bar(torch.arange(N, dtype=torch.float64) / (N - 1))
+
+
+PIXEL_BOUND = (2.0 * (2 * 1.0 / 255) * math.sqrt(math.pi / 2)) ** 2
+"""The pixel rule's variance bound at the defaults ``clip_pixel=2``, ``clip_sample_range=1``."""
+
+
+def test_optimal_trajectory_from_explicit_inputs(gammas: dict[str, list[float]]) -> None:
+    """The planning functions on the table, Gamma and the bounds give the scheduler's optimal trajectory; the
+    candidates are the levels with Gamma when they include both ends, and missing Gamma says how to estimate it."""
+    gamma = gammas["error"]
+    grid = [*range(0, N - 1, 10), N - 1]
+    on_grid = [value if level in grid else None for level, value in enumerate(gamma)]
+    for known, candidates in ((gamma, list(range(N))), (on_grid, grid)):
+        scheduler = AnalyticDPMScheduler(gamma=known, trajectory="optimal")
+        scheduler.set_timesteps(8)
+        assert optimal_candidates(known, N, 8) == candidates
+        costs = step_costs(_table(scheduler), known, candidates, "analytic", 1.0, PIXEL_BOUND)
+        path = [candidates[i] for i in optimal_levels(costs, 8)[8]]
+        assert path[::-1] == scheduler.timesteps.tolist()
+    with pytest.raises(ValueError, match=r"Gamma is missing at timesteps 1-9, 11-19.*Estimate Gamma at all 1000"):
+        optimal_candidates(on_grid[:-1] + [None], N, 8)  # the grid lacks level 999: every level is a candidate
+    with pytest.raises(ValueError, match="num_inference_steps=200 needs as many levels with Gamma estimated; only 101"):
+        optimal_candidates(on_grid, N, 200)
+
+
 # -- the kernels against DDPM and DDIM ---------------------------------------------------------------------------
 
 
@@ -190,6 +226,23 @@ def test_beta_tilde_on_a_trajectory_is_sdekit_ddim(eta: float) -> None:
         rtol=0,
         atol=1e-10,
     )
+
+
+def test_planned_steps_and_bound_steps_from_explicit_inputs(gammas: dict[str, list[float]]) -> None:
+    """``plan_steps`` and ``to_gaussian_steps`` on the table, Gamma and the bounds give the scheduler's step
+    coefficients and its ``gaussian_steps`` for every variance."""
+    scheduler = AnalyticDPMScheduler(gamma=gammas["error"], eta=0.5)
+    scheduler.set_timesteps(6)
+    levels = scheduler.timesteps.tolist()
+    gamma = [gammas["error"][level] for level in levels]
+    steps = plan_steps(levels, _table(scheduler), gamma, 0.5, "analytic", 1.0, PIXEL_BOUND)
+    assert [step.level for step in steps] == levels and steps[-1].target is None
+    for step, bound in zip(steps[:-1], scheduler.gaussian_steps()):
+        assert (step.x0_coeff, step.sample_coeff) == (bound.x0_coeff, bound.sample_coeff)
+        assert step.std == math.sqrt(bound.variance)
+    for variance, eta in itertools.product(VARIANCES, (0.5, 1.0)):
+        exported = to_gaussian_steps(steps, levels, _table(scheduler), eta, variance, 1.0, gamma)
+        assert exported == scheduler.gaussian_steps(variance=variance, eta=eta), (variance, eta)
 
 
 def test_kernel_coefficients_and_the_theorems_bounds() -> None:
@@ -357,6 +410,27 @@ def test_estimate_gamma_takes_every_data_form_and_model_output(gammas: dict[str,
         scheduler.config.gamma[:599] == gammas["error"][:599] and scheduler.config.gamma[600:] == gammas["error"][600:]
     )
     assert not torch.allclose(third_step(), before)  # Gamma = 0: the largest variance
+
+
+def test_estimate_gamma_levels_is_the_scheduler_estimate_without_a_scheduler() -> None:
+    """The plain function on the table and the model's timesteps gives what ``estimate_gamma`` stores, bit for
+    bit before the clipping to [0, 1], and warns at its caller about data outside the range."""
+    mix = _overlapping_mixture()
+    scheduler = AnalyticDPMScheduler()
+    model, table = epsilon_oracle(mix, scheduler.sde), _table(scheduler)
+    data, levels = _data(mix, 300, 0), [100, 500, 999]
+    for estimator in ("norm", "error"):
+        kwargs = dict(generator=torch.Generator().manual_seed(1), estimator=estimator, show_progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # norm: Monte Carlo values above 1 at high noise are clipped
+            stored = scheduler.estimate_gamma(model, data, 300, 128, timesteps=levels, **kwargs)
+        kwargs["generator"] = torch.Generator().manual_seed(1)
+        plain = estimate_gamma_levels(model, data, table, levels, torch.tensor(levels), "epsilon", 300, 128, **kwargs)
+        assert plain.dtype == torch.float64 and torch.equal(plain.clamp(0, 1), stored), estimator
+    with pytest.warns(UserWarning, match=r"outside the configured data range \[-1.0, 1.0\]") as caught:
+        outside = dict(data_range=1.0, show_progress=False)
+        estimate_gamma_levels(model, 3 * data, table, [0], torch.tensor([0]), "epsilon", 16, 16, **outside)
+    assert caught[0].filename == __file__
 
 
 # -- the first run: Gamma at the trajectory's levels only ------------------------------------------------------------

@@ -8,14 +8,13 @@ import pytest
 import torch
 from scipy.stats import norm
 
-import sdekit.likelihood as likelihood
 from sdekit.likelihood import (
     GaussianReverseProcess,
     GaussianStep,
     discretized_gaussian_log_likelihood,
-    model_prediction,
     nll_bound,
 )
+from sdekit.models import model_device_dtype, model_prediction
 from sdekit.testing import GaussianMixture, epsilon_oracle
 from sdekit_sdes import VPSDE
 
@@ -136,7 +135,9 @@ def test_bad_input_and_model_outputs() -> None:
     assert model_prediction(model, torch.zeros(2, 2), torch.tensor(5)).shape == (2, 2)
     with pytest.raises(TypeError, match="expected a tensor, a tuple"):
         model_prediction(lambda s, t: {"sample": out}, x, 5)
-    assert likelihood.model_device_dtype(lambda s, t: s, torch.zeros(1, dtype=torch.int64)) == (
+    with pytest.raises(ValueError, match=r"returned shape \(2, 6\) for an input of shape \(2, 3\)"):
+        model_prediction(lambda s, t: torch.ones(2, 6), x, 5, expect_shape=True)
+    assert model_device_dtype(lambda s, t: s, torch.zeros(1, dtype=torch.int64)) == (
         torch.device("cpu"),
         torch.float32,
     )

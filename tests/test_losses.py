@@ -233,7 +233,7 @@ def test_half_precision_input_computes_in_float32(mixture_2d):
         ({"prediction_type": "epsilom"}, "prediction_type.*'epsilon'"),
         ({"kind": "ddpm"}, "VP-type SDE.*VESDE"),
         ({"kind": "ddpm", "sde": VPSDE(), "prediction_type": "score"}, "not an L_simple target"),
-        ({"kind": "smld", "sde": VPSDE()}, "needs the VE SDE.*VPSDE"),
+        ({"kind": "smld", "sde": VPSDE()}, "needs a variance-exploding SDE.*got VPSDE"),
         ({"kind": "smld", "weighting": "likelihood"}, "likelihood.*'dsm' only"),
         ({"sde": VPSDE(), "eps": 0.0}, "sigma > 0"),
         ({"eps": 1.5}, r"eps must lie in \[0, 1"),
@@ -247,7 +247,7 @@ def test_bad_configuration_is_refused(kwargs, match):
 
 def test_bad_calls_are_refused():
     objective = DenoisingLoss(VPSDE())
-    with pytest.raises(ValueError, match="shaped like x_t"):
+    with pytest.raises(ValueError, match=r"returned shape \(2, 1\) for an input of shape \(2, 3\)"):
         objective(lambda x, t: x[:, :1], torch.randn(2, 3))
     with pytest.raises(ValueError, match="floating-point"):
         objective(Recorder(), torch.ones(2, 3, dtype=torch.long))

@@ -288,7 +288,7 @@ def test_same_seed_same_samples(mixture_2d: GaussianMixture) -> None:
         ({"snr": math.nan}, "snr must be a finite number > 0"),
         ({"corrector_steps": -1}, "corrector_steps must be an integer >= 0, got -1"),
         ({"corrector_steps": 1.5}, "corrector_steps must be an integer >= 0"),
-        ({"predictor": "ancestral", "sde": "subvp"}, "predictor='ancestral' is defined for sde in 've', 'vp'"),
+        ({"predictor": "ancestral", "sde": "subvp"}, "has neither. Use predictor='reverse_diffusion'"),
         ({"predictor": "none", "corrector": "none"}, "evaluates nothing"),
         ({"predictor": "none", "corrector_steps": 0}, "evaluates nothing"),
     ],

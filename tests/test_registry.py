@@ -78,6 +78,8 @@ def test_discovery_lists_builtins_and_test_plugins() -> None:
         ("sde", "vp", TEST_DIST): "shadowed",
         ("sde", "twin", TEST_DIST): "shadowed",
         ("sde", "twin", EXTRA_DIST): "ok",
+        ("sde", "noise-levels", EXTRA_DIST): "ok",
+        ("sde", "undeclared", TEST_DIST): "protocol-error",
         ("sampler", "euler-flow", TEST_DIST): "ok",
         ("sampler", "not-a-scheduler", TEST_DIST): "protocol-error",
     }
@@ -150,6 +152,15 @@ def test_protocol_violations_are_reported() -> None:
     not_sde = infos["sde", "not-an-sde", TEST_DIST]
     assert not_sde.status == "protocol-error"
     assert "marginal_prob" in not_sde.reason and "prior_sampling" in not_sde.reason
+    # The math without the conventions an SDE declares: reported with the missing names, and skipped.
+    undeclared = infos["sde", "undeclared", TEST_DIST]
+    assert undeclared.status == "protocol-error"
+    assert undeclared.reason.endswith(
+        "lacks the sde protocol method(s) config_params, scheduler_params, default_time_input, prior_std, "
+        "is_discrete, sigma, t_from_sigma"
+    )
+    with pytest.raises(InvalidPluginError, match="undeclared"):
+        get_sde("undeclared")
     not_scheduler = infos["sampler", "not-a-scheduler", TEST_DIST]
     assert not_scheduler.status == "protocol-error"
     assert "SchedulerMixin and ConfigMixin" in not_scheduler.reason
@@ -271,10 +282,10 @@ def test_unknown_name_lists_available_and_closest() -> None:
     err = excinfo.value
     assert isinstance(err, LookupError) and isinstance(err, ValueError)
     assert err.closest == "constant-ve"
-    assert err.available == ["constant-ve", "subvp", "twin", "ve", "vp"]
+    assert err.available == ["constant-ve", "noise-levels", "subvp", "twin", "ve", "vp"]
     message = str(err)
     assert "Unknown SDE plugin 'constant-vee'. Did you mean 'constant-ve'?" in message
-    assert "Available SDE plugins: constant-ve, subvp, twin, ve, vp." in message
+    assert "Available SDE plugins: constant-ve, noise-levels, subvp, twin, ve, vp." in message
 
     with pytest.raises(UnknownPluginError, match="Did you mean 'euler-flow'") as excinfo:
         load_scheduler("euler-flo")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -118,6 +119,27 @@ def test_trained_betas_and_reference_discretizations() -> None:
     _, G = ve.discretize(torch.zeros(10, 1, dtype=torch.float64), grid, dt=1 / 9)
     expected = torch.sqrt(sigmas**2 - torch.cat([torch.zeros(1, dtype=torch.float64), sigmas[:-1]]) ** 2)
     assert torch.allclose(G.flatten(), expected)
+
+
+def test_trained_betas_of_another_length_follow_diffusers_with_a_warning() -> None:
+    """diffusers takes trained_betas as the table whatever num_train_timesteps says, and timestep k reads entry k."""
+    betas = [0.1, 0.2, 0.3]
+    warning = r"trained_betas has 3 entries but num_train_timesteps=5.*repeat its last beta"
+    with pytest.warns(UserWarning, match=warning):
+        longer = VPSDE(num_train_timesteps=5, trained_betas=betas)
+    assert longer.N == 5 and longer.is_discrete
+    levels = torch.arange(5, dtype=torch.float64) / 4
+    expected = torch.cumprod(1 - torch.tensor([0.1, 0.2, 0.3, 0.3, 0.3], dtype=torch.float64), 0)
+    assert torch.allclose(longer.alpha_bar(levels), expected, rtol=1e-12)
+    with pytest.warns(UserWarning, match="entries past 1 are unused"):
+        shorter = VPSDE(num_train_timesteps=2, trained_betas=betas)
+    assert shorter.N == 2
+    assert torch.allclose(shorter.alpha_bar(torch.tensor([0.0, 1.0], dtype=torch.float64)), expected[:2], rtol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert VPSDE(num_train_timesteps=3, trained_betas=betas).N == 3  # agreeing lengths: no warning
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        VPSDE(num_train_timesteps=1, trained_betas=betas)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

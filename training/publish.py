@@ -263,7 +263,7 @@ def _card_body(
     image: str | None,
     sampler: str | None,
 ) -> str:
-    other = "ddim" if sde == "ve" else "pc"
+    other = "pf-ode" if sampler == "pc" else "pc"  # both sample any SDE
     saved = f"`{sampler}`" if sampler else "the sdekit scheduler it was trained with"
     lines = [
         f"# {location.rsplit('/', 1)[-1]}",

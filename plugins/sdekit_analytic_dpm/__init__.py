@@ -4,8 +4,9 @@ scheduler, with the Monte Carlo estimate of ``Gamma`` and the optimal trajectory
 Registered in the ``sdekit.samplers`` entry-point group exactly as a third-party plugin would be.
 """
 
+from .gamma import GAMMA_ESTIMATORS
 from .kernel import VARIANCES
-from .scheduler import GAMMA_ESTIMATORS, AnalyticDPMScheduler
+from .scheduler import AnalyticDPMScheduler
 from .trajectory import TRAJECTORIES
 
 __all__ = ["AnalyticDPMScheduler", "GAMMA_ESTIMATORS", "TRAJECTORIES", "VARIANCES"]

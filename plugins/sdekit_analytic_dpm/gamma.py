@@ -4,6 +4,11 @@ Bao et al., ICLR 2022, section 3: the optimal reverse variance depends on the da
 of the score at each level, ``E ||grad log q_n(x_n)||^2 = Gamma_n d / bbar_n``, estimated once per model with
 ``x_n = sqrt(abar_n) x_0 + sqrt(bbar_n) eps`` over data ``x_0`` and noise ``eps``. For the exact noise predictor
 ``Gamma_n = 1 - abar_n / bbar_n E tr Cov(x_0 | x_n) / d`` lies in ``[0, 1]``.
+
+:func:`estimate_gamma_levels` is that estimate at chosen table levels, with no scheduler state
+(``AnalyticDPMScheduler.estimate_gamma`` chooses the levels, stores the values and plans again);
+:func:`x0_batches` reads the data; :func:`check_gamma` validates stored values. The ``missing_gamma_message`` and
+``optimal_remedy`` texts tell a user without Gamma where to estimate it and what that costs.
 """
 
 from __future__ import annotations
@@ -14,8 +19,29 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["check_gamma", "format_levels", "x0_batches"]
+from sdekit.models import model_device_dtype, model_prediction
+from sdekit.parametrization import check_choice, split_model_output
+from sdekit.progress import Progress
+from sdekit.sde import compute_dtype
+
+__all__ = [
+    "GAMMA_ESTIMATORS",
+    "check_estimation",
+    "check_gamma",
+    "estimate_gamma_levels",
+    "format_levels",
+    "missing_gamma_message",
+    "missing_levels",
+    "optimal_remedy",
+    "table_levels",
+    "x0_batches",
+]
+
+GAMMA_ESTIMATORS = ("norm", "error")
+"""Monte Carlo estimators of ``Gamma`` accepted by :func:`estimate_gamma_levels` (and
+``AnalyticDPMScheduler.estimate_gamma``)."""
 
 
 def format_levels(levels: Iterable[int], limit: int = 12) -> str:
@@ -131,12 +157,15 @@ def _raw_batches(data: Any, batch_size: int, column: str | None) -> Iterator[tor
             yield _to_tensor(batch, column)
 
 
-def x0_batches(data: Any, num_samples: int, batch_size: int, column: str | None = None) -> Iterator[torch.Tensor]:
+def x0_batches(
+    data: Any, num_samples: int, batch_size: int, column: str | None = None, stacklevel: int = 3
+) -> Iterator[torch.Tensor]:
     """The first ``num_samples`` rows of ``data`` in batches of ``batch_size`` (the last may be smaller).
 
     ``data`` is a tensor ``(n, ...)``, a ``datasets.Dataset`` (sliced; ``column`` names the column holding
     ``x_0`` unless there is only one) or any iterable of batches (tensors, dicts or ``(x_0, ...)`` tuples),
-    re-cut to ``batch_size``. Fewer rows than ``num_samples`` give a warning.
+    re-cut to ``batch_size``. Fewer rows than ``num_samples`` give a warning (``stacklevel`` as in
+    :func:`warnings.warn`; the default 3 names the caller of the function that iterates).
     """
     pending: list[torch.Tensor] = []
     held = given = 0
@@ -157,5 +186,201 @@ def x0_batches(data: Any, num_samples: int, batch_size: int, column: str | None 
     if given < num_samples:
         warnings.warn(
             f"the data holds {given} samples, fewer than num_samples={num_samples}; Gamma is estimated from {given}.",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
+
+
+def check_estimation(num_samples: int, batch_size: int, estimator: str) -> None:
+    """``ValueError`` unless ``estimator`` is one of :data:`GAMMA_ESTIMATORS` and both counts are integers >= 1."""
+    check_choice("estimator", estimator, GAMMA_ESTIMATORS)
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def table_levels(timesteps: Iterable[int] | None, num_levels: int) -> list[int]:
+    """``timesteps`` as ascending distinct table levels, checked to be integers in ``[0, num_levels - 1]``;
+    ``None``: all ``num_levels``."""
+    if timesteps is None:
+        return list(range(num_levels))
+    levels = sorted({int(n) for n in timesteps})
+    if not levels or levels[0] < 0 or levels[-1] >= num_levels or any(n != int(n) for n in timesteps):
+        raise ValueError(f"timesteps must be integers in [0, {num_levels - 1}] (table levels), got {timesteps!r}.")
+    return levels
+
+
+def estimate_gamma_levels(
+    model: Any,
+    data: Any,
+    log_alpha_bar: torch.Tensor,
+    levels: Sequence[int],
+    model_times: torch.Tensor,
+    prediction_type: str,
+    num_samples: int = 1000,
+    batch_size: int = 100,
+    generator: torch.Generator | None = None,
+    column: str | None = None,
+    estimator: str = "norm",
+    show_progress: bool = True,
+    data_range: float | None = None,
+    stacklevel: int = 2,
+) -> torch.Tensor:
+    """Monte Carlo estimates of ``Gamma`` at table ``levels`` (the paper's section 3), neither clipped nor stored.
+
+    For every data sample ``x_0`` and every level ``n``, ``x_n = sqrt(abar_n) x_0 + sqrt(bbar_n) eps`` with a
+    fresh ``eps`` from ``generator``; the model's output is converted to ``eps_theta`` by ``prediction_type``.
+
+    The estimators: ``norm``, the paper's ``mean ||eps_theta||^2 / d``; ``error``,
+    ``1 - mean ||eps - eps_theta||^2 / d``. Both have the same expectation for the exact noise predictor
+    ``E[eps | x_n]`` (it is an orthogonal projection, so ``E ||eps||^2 = E ||eps_theta||^2 +
+    E ||eps - eps_theta||^2``), but the variances need ``1 - Gamma``, which ``error`` estimates with a relative
+    error of about ``sqrt(2 / (d M))`` at every level, while ``norm``'s grows like ``1 / (1 - Gamma)`` at high
+    noise (in low dimension it can exceed 100%, and the optimal trajectory then exploits levels clipped to
+    ``Gamma = 1``). For an imperfect model ``error`` gives the variance
+    ``lambda^2 + x0_coeff^2 E ||x_0 - x0_theta||^2 / d`` that minimises the step's KL for the model's own mean.
+    ``error`` is never above 1.
+
+    Args:
+        model: ``model(x_n, timestep)`` returning a tensor, a tuple or an object with ``.sample``.
+        data: ``x_0``, as :func:`x0_batches` reads it (the first ``num_samples`` samples).
+        log_alpha_bar: ``log alpha_bar`` at every level of the table, float64.
+        levels: the table levels to estimate, as indices into ``log_alpha_bar``.
+        model_times: the model's timestep input at each of ``levels``.
+        prediction_type: the model's output: ``epsilon``, ``sample`` or ``v_prediction``.
+        num_samples, batch_size: data samples in all, and per model call.
+        generator: the source of the noise.
+        column: the column holding ``x_0`` in datasets / dict batches with several.
+        estimator: one of :data:`GAMMA_ESTIMATORS`.
+        show_progress: report progress with :class:`sdekit.progress.Progress`.
+        data_range: warn if the data leave ``[-data_range, data_range]``; ``None``: no check.
+        stacklevel: the warnings' ``stacklevel`` as in :func:`warnings.warn` (2: the caller of this function).
+
+    Returns:
+        One float64 value per level, on the CPU. ``ValueError`` if the data are empty or a value is not finite.
+    """
+    check_estimation(num_samples, batch_size, estimator)
+    log_abar = log_alpha_bar[list(levels)]
+    alphas, sigmas = log_abar.mul(0.5).exp(), (-torch.expm1(log_abar)).sqrt()
+    sums: torch.Tensor | None = None
+    low = high = None
+    count = dim = 0
+    total = len(levels) * -(-num_samples // batch_size)
+    with Progress(total=total, desc="Gamma", unit="call", disable=not show_progress) as bar:
+        for x0 in x0_batches(data, num_samples, batch_size, column, stacklevel=stacklevel + 1):
+            device, dtype = model_device_dtype(model, x0)
+            work = compute_dtype(dtype)
+            x0 = x0.to(device=device, dtype=work)
+            low = x0.min() if low is None else torch.minimum(low, x0.min())
+            high = x0.max() if high is None else torch.maximum(high, x0.max())
+            if sums is None:
+                sums = torch.zeros(len(levels), dtype=torch.float64, device=x0.device)
+            for i in range(len(levels)):
+                noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=work)
+                x_n = float(alphas[i]) * x0 + float(sigmas[i]) * noise
+                with torch.no_grad():
+                    output = model_prediction(model, x_n.to(dtype), model_times[i])
+                _, eps = split_model_output(output, x_n, float(alphas[i]), float(sigmas[i]), prediction_type)
+                if estimator == "error":
+                    eps = eps - noise
+                sums[i] += eps.to(torch.float64).pow(2).sum()
+                bar.update(1)
+            count += x0.shape[0]
+            dim = x0[0].numel()
+    if sums is None:
+        raise ValueError("the data gave no samples; Gamma cannot be estimated.")
+    if data_range is not None and (float(low) < -data_range - 1e-6 or float(high) > data_range + 1e-6):
+        warnings.warn(
+            f"the data lie in [{float(low):.4g}, {float(high):.4g}], outside the configured data range "
+            f"[-{data_range}, {data_range}] (clip_sample_range); give x_0 in the model's range (images scaled to "
+            "[-1, 1]), or the estimated Gamma and variances will not match the model's training.",
+            stacklevel=stacklevel,
+        )
+    estimate = (sums / (count * dim)).cpu()
+    if estimator == "error":
+        estimate = 1 - estimate
+    if not bool(torch.isfinite(estimate).all()):
+        bad = [level for level, ok in zip(levels, torch.isfinite(estimate).tolist()) if not ok]
+        raise ValueError(f"the model returned NaN or Inf at timesteps {format_levels(bad)}; Gamma not stored.")
+    return estimate
+
+
+# -- what to say when Gamma is missing ------------------------------------------------------------------------
+
+
+def missing_levels(gamma: Sequence[float | None] | None, levels: Iterable[int]) -> list[int]:
+    """Those of ``levels`` where ``gamma`` (per table level, or ``None``: none known) has no value."""
+    return [level for level in levels if gamma is None or gamma[level] is None]
+
+
+def _gamma_cost(num_levels: int, num_samples: int = 1000, batch_size: int = 100) -> str:
+    """The cost of estimating Gamma at ``num_levels`` levels, in words.
+
+    Every level evaluates the model once per data sample, in ``ceil(num_samples / batch_size)`` batched calls:
+    ``"10 levels x 1000 samples = 10,000 model evaluations, i.e. 10 x ceil(1000 / batch_size) = 100 model calls
+    at batch_size=100"``.
+    """
+    calls = num_levels * -(-num_samples // batch_size)
+    return (
+        f"{num_levels} levels x {num_samples} samples = {num_levels * num_samples:,} model evaluations, i.e. "
+        f"{num_levels} x ceil({num_samples} / batch_size) = {calls:,} model calls at batch_size={batch_size}"
+    )
+
+
+def missing_gamma_message(
+    gamma: Sequence[float | None] | None,
+    missing: Sequence[int],
+    visited: Sequence[int],
+    num_levels: int,
+    spaced: bool,
+) -> str:
+    """The error text when the analytic variance lacks Gamma on a trajectory (to sample it, or for its bound):
+    the levels, the ``estimate_gamma`` call that estimates only them, and its cost.
+
+    Args:
+        gamma: the stored Gamma per table level, or ``None`` if none was estimated.
+        missing: the levels that need Gamma and lack it.
+        visited: the trajectory's levels, ascending.
+        num_levels: the table's number of levels.
+        spaced: ``visited`` is the configured (even or quadratic) trajectory with ``len(visited)`` levels, which
+            ``timesteps='trajectory', num_inference_steps=K`` estimates.
+    """
+    if gamma is None:
+        head = (
+            "variance='analytic' needs Gamma_n = E||eps_theta(x_n, n)||^2 / d at the levels it visits, and this "
+            "scheduler has none."
+        )
+        todo = list(visited)
+    else:
+        head = f"variance='analytic' needs Gamma at timesteps {format_levels(missing)}, which were not estimated."
+        todo = sorted(set(missing))
+    quoted = f"[{', '.join(map(str, todo))}]" if len(todo) <= 20 else None  # too long to quote otherwise
+    call = "scheduler.estimate_gamma(model, data, num_samples=1000, "
+    if todo == list(visited) and spaced:
+        how = f"{call}timesteps='trajectory', num_inference_steps={len(todo)})"
+        if quoted is not None:
+            how += f", which estimates timesteps={quoted}"
+    elif quoted is not None:
+        how = f"{call}timesteps={quoted})"
+    else:
+        how = f"{call}timesteps=[...]) with these {len(todo)} levels ({format_levels(todo)})"
+    return (
+        f"{head} Estimate it once per model at only these {len(todo)} levels: {how}. That costs "
+        f"{_gamma_cost(len(todo))}; all {num_levels} levels (timesteps=None) would cost "
+        f"{num_levels * 1000:,} model evaluations. data holds x_0 in the model's range (a tensor, a "
+        "datasets.Dataset or an iterable of batches). Gamma is stored in the config, so save_pretrained() keeps "
+        "it. Without Gamma, use variance='beta_tilde' or 'beta'."
+    )
+
+
+def optimal_remedy(num_levels: int, num_samples: int = 1000, batch_size: int = 100) -> str:
+    """How to get the Gamma that the optimal trajectory needs on a table of ``num_levels`` levels, with the costs."""
+    last = num_levels - 1
+    grid = len(range(0, last, 10)) + 1
+    return (
+        f"Estimate Gamma at all {last + 1} levels with scheduler.estimate_gamma(model, data, "
+        f"num_samples={num_samples}) ({_gamma_cost(last + 1, num_samples, batch_size)}), or at a grid of "
+        f"candidate levels that includes 0 and {last}, e.g. timesteps=[*range(0, {last}, 10), {last}] (the "
+        f"program then chooses among them; {_gamma_cost(grid, num_samples, batch_size)}). Or use "
+        "trajectory='even' or 'quadratic', whose levels do not depend on Gamma, and estimate only those with "
+        "timesteps='trajectory', num_inference_steps=K."
+    )

@@ -18,19 +18,41 @@ Probabilistic Models", ICLR 2022 (below "the paper"). Notation: ``abar`` is the 
   ``x_0`` given ``x_t`` per dimension.
 * Theorem 2: for data in ``[a, b]^d``, ``Cov_t <= ((b - a) / 2)^2``; the estimate is clipped to
   ``[0, ((b - a) / 2)^2]``.
+* The decoder, the last step from the first level ``tau_1`` onto the data, in the variational bound on a
+  trajectory (section 4): ``analytic``, Theorem 1 with ``lambda = 0``, i.e. ``Cov_{tau_1}`` clipped by Theorem 2;
+  ``beta``, ``bbar_{tau_1}`` (DDPM's ``sigma_1^2 = beta_1``); ``beta_tilde``, the full chain's ``beta_tilde`` of
+  the step from ``tau_1 + 1`` to ``tau_1`` (DDPM's posterior variance at its first level is 0; Nichol & Dhariwal
+  2021 and the paper's code use this one).
 
 The formulas take Python floats (what ``step()`` uses, so that it launches no tensor work on the host) or float64
-tensors that broadcast (the step-cost matrix of the optimal trajectory), with the same code.
+tensors that broadcast (the step-cost matrix of the optimal trajectory), with the same code. :func:`plan_steps`
+precomputes a trajectory's steps as floats, and :func:`to_gaussian_steps` exports them for ``sdekit.nll_bound``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Union
 
 import torch
 
-__all__ = ["VARIANCES", "LevelPair", "StepKernel", "level_pairs", "step_kernel", "step_kl"]
+from sdekit.likelihood import GaussianStep
+
+__all__ = [
+    "VARIANCES",
+    "LevelPair",
+    "PlannedStep",
+    "StepKernel",
+    "check_eta",
+    "level_pairs",
+    "plan_steps",
+    "step_kernel",
+    "step_kl",
+    "to_gaussian_steps",
+]
 
 VARIANCES = ("analytic", "beta_tilde", "beta")
 """Reverse variances: the analytic estimate of the optimal one, DDIM's ``eta^2 beta_tilde`` (DDPM's
@@ -38,6 +60,16 @@ VARIANCES = ("analytic", "beta_tilde", "beta")
 
 Value = Union[float, torch.Tensor]
 """A Python float (per-step coefficients) or a float64 tensor (the step-cost matrix)."""
+
+
+def check_eta(eta: object) -> float:
+    """``eta`` as a float if it is a number in ``[0, 1]``; else ``ValueError``."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
+        raise ValueError(
+            f"eta must be a number in [0, 1] (1 is Analytic-DDPM, 0 Analytic-DDIM; lambda^2 = eta^2 beta_tilde must "
+            f"not exceed the target level's variance); got {eta!r}."
+        )
+    return float(eta)
 
 
 def _clip(x: Value, low: float | None = None, high: Value | None = None) -> Value:
@@ -130,3 +162,116 @@ def step_kl(kernel: StepKernel) -> torch.Tensor:
     """
     var, lam2 = kernel.variance, kernel.posterior_variance
     return torch.log(var / lam2) + (lam2 + kernel.x0_coeff**2 * kernel.covariance) / var - 1
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One evaluation of a planned trajectory: the table at both levels and the coefficients at the planned eta."""
+
+    level: int
+    target: int | None  # None: the data
+    alpha: float  # sqrt(abar_t)
+    sigma: float  # sqrt(bbar_t)
+    pair: LevelPair | None  # floats; None for the last step
+    gamma: float | None
+    max_variance: float | None  # the pixel rule's bound on the step onto tau_1
+    x0_coeff: float
+    sample_coeff: float
+    std: float
+
+    def kernel(self, eta: float, variance: str, max_covariance: float | None) -> StepKernel:
+        """This step's kernel at ``eta`` with ``variance`` (not for the last step)."""
+        return step_kernel(self.pair, self.gamma, eta, variance, max_covariance, self.max_variance)
+
+    def at(self, eta: float, variance: str, max_covariance: float | None) -> PlannedStep:
+        """This step with its coefficients at ``eta`` (not for the last step)."""
+        kernel = self.kernel(eta, variance, max_covariance)
+        return replace(self, x0_coeff=kernel.x0_coeff, sample_coeff=kernel.sample_coeff, std=math.sqrt(kernel.variance))
+
+
+def plan_steps(
+    levels: Sequence[int],
+    log_alpha_bar: torch.Tensor,
+    gamma: Sequence[float | None],
+    eta: float,
+    variance: str,
+    max_covariance: float | None,
+    pixel_bound: float | None,
+) -> list[PlannedStep]:
+    """The steps of a trajectory, one per model call, with their coefficients as floats.
+
+    Args:
+        levels: the trajectory's table levels, strictly decreasing; the last step goes from ``levels[-1]`` to the
+            data (``x0_hat`` without noise).
+        log_alpha_bar: ``log alpha_bar`` at every level of the table, float64.
+        gamma: ``Gamma`` at each of ``levels`` (``None`` where unknown: not with the analytic variance).
+        eta, variance, max_covariance: as in :func:`step_kernel`.
+        pixel_bound: the pixel rule's bound on the variance of the step onto ``levels[-1]``, or ``None``.
+    """
+    steps: list[PlannedStep] = []
+    for index, level in enumerate(levels):
+        log_t = log_alpha_bar[level]
+        alpha, sigma = float(log_t.mul(0.5).exp()), float((-torch.expm1(log_t)).sqrt())
+        if index == len(levels) - 1:
+            steps.append(PlannedStep(level, None, alpha, sigma, None, gamma[index], None, 1.0, 0.0, 0.0))
+            continue
+        target = levels[index + 1]
+        tensors = level_pairs(log_t, log_alpha_bar[target])
+        pair = LevelPair(**{f.name: float(getattr(tensors, f.name)) for f in fields(LevelPair)})
+        max_variance = pixel_bound if index == len(levels) - 2 else None
+        step = PlannedStep(level, target, alpha, sigma, pair, gamma[index], max_variance, 0.0, 0.0, 0.0)
+        steps.append(step.at(eta, variance, max_covariance))
+    return steps
+
+
+def to_gaussian_steps(
+    steps: Sequence[PlannedStep],
+    timesteps: Sequence[float],
+    log_alpha_bar: torch.Tensor,
+    eta: float,
+    variance: str,
+    max_covariance: float | None,
+    gamma: Sequence[float] | None = None,
+) -> list[GaussianStep]:
+    """The reverse kernels of planned ``steps`` as :class:`sdekit.likelihood.GaussianStep`, the decoder last.
+
+    Args:
+        steps: from :func:`plan_steps`.
+        timesteps: the model's timestep input at each step.
+        log_alpha_bar: ``log alpha_bar`` at every level of the table (for the ``beta_tilde`` decoder).
+        eta, variance, max_covariance: as in :func:`step_kernel`; the decoder's variance is in the module
+            docstring.
+        gamma: ``Gamma`` at each step's level, replacing the planned values (the analytic variance needs them all);
+            default ``None``, the planned values.
+    """
+    out: list[GaussianStep] = []
+    for index, (step, timestep) in enumerate(zip(steps, timesteps)):
+        if gamma is not None:
+            step = replace(step, gamma=gamma[index])
+        if step.target is not None:
+            kernel = step.kernel(eta, variance, max_covariance)
+            prev = steps[index + 1]
+            out.append(
+                GaussianStep(
+                    timestep,
+                    step.alpha,
+                    step.sigma,
+                    prev.alpha,
+                    prev.sigma,
+                    kernel.x0_coeff,
+                    kernel.sample_coeff,
+                    kernel.variance,
+                    kernel.posterior_variance,
+                )
+            )
+            continue
+        if variance == "analytic":
+            covariance = step.sigma**2 / step.alpha**2 * (1 - step.gamma)
+            decoder = min(covariance, max_covariance) if max_covariance is not None else covariance
+        elif variance == "beta":
+            decoder = step.sigma**2
+        else:
+            above = level_pairs(log_alpha_bar[step.level + 1], log_alpha_bar[step.level])
+            decoder = float(above.bbar_s / above.bbar_t * above.beta_ts)
+        out.append(GaussianStep(timestep, step.alpha, step.sigma, 1.0, 0.0, 1.0, 0.0, decoder, 0.0))
+    return out

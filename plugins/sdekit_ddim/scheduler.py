@@ -128,10 +128,7 @@ class DDIMSDEScheduler(SDEScheduler):
 
     def _check_variance_preserving(self) -> None:
         """DDIM's update (eq. 12) is written for kernels with ``alpha^2 + sigma^2 = 1``."""
-        preserving = isinstance(self.sde, VPTypeSDE) and all(
-            abs(alpha**2 + sigma**2 - 1) < 1e-9 for alpha, sigma in map(self._coeffs, (0.1, 0.5, 0.9))
-        )
-        if not preserving:
+        if not (isinstance(self.sde, VPTypeSDE) and self.sde.is_variance_preserving()):
             raise ValueError(
                 f"sde={self.config.sde!r} ({type(self.sde).__name__}) is not variance preserving; DDIM "
                 "(Song et al. 2021, eq. 12) needs a VP kernel x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps. "

@@ -23,7 +23,6 @@ from sdekit.sde import SDE
 from .linear import linear_discretization, linear_sde
 
 __all__ = [
-    "ANCESTRAL_SDES",
     "PREDICTORS",
     "AffineUpdate",
     "ancestral_ve",
@@ -33,7 +32,6 @@ __all__ = [
 ]
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
-ANCESTRAL_SDES = ("ve", "vp")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from sdekit.scheduler import SDEScheduler
 
 from .correctors import CORRECTORS, NORMS, ald_step_size, langevin_alpha, langevin_step_size, langevin_update
 from .predictors import (
-    ANCESTRAL_SDES,
     PREDICTORS,
     AffineUpdate,
     ancestral_ve,
@@ -66,7 +65,8 @@ class PCScheduler(SDEScheduler):
     Args:
         predictor: ``reverse_diffusion`` (default; the reverse of the SDE's own discretization, score-SDE
             eq. 46), ``euler_maruyama`` (the reverse SDE, eq. 6, by Euler-Maruyama), ``ancestral`` (SMLD ancestral
-            sampling for ``sde="ve"``, DDPM's for ``sde="vp"``; appendix F and eq. 4) or ``none``.
+            sampling for a variance-exploding SDE such as ``ve``, DDPM's for a variance-preserving one such as
+            ``vp``; appendix F and eq. 4) or ``none``.
         corrector: ``langevin`` (default; step size from ``snr`` and the norms of the score and the noise,
             Algorithms 4 and 5), ``ald`` (annealed Langevin dynamics, NCSN: step size ``2 alpha (snr sigma(t))^2``)
             or ``none``.
@@ -116,17 +116,18 @@ class PCScheduler(SDEScheduler):
             raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}.")
         if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not math.isfinite(snr) or snr <= 0:
             raise ValueError(f"snr must be a finite number > 0 (0.16 is the paper's value for VE), got {snr!r}.")
-        if predictor == "ancestral" and sde not in ANCESTRAL_SDES:
-            raise ValueError(
-                f"predictor='ancestral' is defined for sde in {', '.join(map(repr, ANCESTRAL_SDES))} (SMLD and DDPM "
-                f"ancestral sampling), got sde={sde!r}; use predictor='reverse_diffusion' or 'euler_maruyama'."
-            )
         if predictor == "none" and self._num_corrections(corrector, corrector_steps) == 0:
             raise ValueError(
                 f"predictor='none' with corrector={corrector!r} and corrector_steps={corrector_steps} evaluates "
                 "nothing; choose a predictor, or a corrector with corrector_steps >= 1."
             )
         self._setup()
+        if predictor == "ancestral" and not (self.sde.is_variance_exploding() or self.sde.is_variance_preserving()):
+            raise ValueError(
+                f"predictor='ancestral' is SMLD's or DDPM's ancestral sampling, defined for a variance-exploding "
+                f"(x_t = x_0 + sigma z) or a variance-preserving kernel; sde={sde!r} ({type(self.sde).__name__}) has "
+                "neither. Use predictor='reverse_diffusion' or 'euler_maruyama'."
+            )
         self._evaluations: list[_Evaluation] = []
 
     @staticmethod
@@ -149,7 +150,7 @@ class PCScheduler(SDEScheduler):
                 group = reverse_diffusion(self.sde, level_times, dt)
             elif self.config.predictor == "euler_maruyama":
                 group = euler_maruyama(self.sde, level_times, dt)
-            elif self.config.sde == "ve":
+            elif self.sde.is_variance_exploding():
                 group = ancestral_ve(self.sde, level_times, dt, [sigmas[i] for i in members])
             else:
                 group = ancestral_vp(self.sde, level_times, dt)

@@ -60,13 +60,15 @@ def ddpm_betas(
     They are built in float32, as ``DDPMScheduler`` does, so ``alpha_bar`` matches the table a checkpoint was
     trained with; the result is float64.
     """
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}.")
     if trained_betas is not None:
+        # As diffusers does, the table is trained_betas whatever num_train_timesteps says (see DiscreteBetaSchedule
+        # for how a table of another length meets num_train_timesteps levels).
         betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
         if betas.numel() < 2:
             raise ValueError(f"trained_betas needs at least 2 entries, got {betas.numel()}.")
     else:
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}.")
         if not (0 < beta_start <= beta_end < 1):
             raise ValueError(
                 f"beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, "
@@ -96,17 +98,30 @@ def ddpm_betas(
 class DiscreteBetaSchedule(BetaSchedule):
     """A VP schedule that passes through a discrete DDPM table.
 
-    With ``N`` betas, table entry ``i`` (0-based) sits at ``t_i = i / (N - 1)``, the score-SDE reference code's
+    With ``N`` levels, table entry ``i`` (0-based) sits at ``t_i = i / (N - 1)``, the score-SDE reference code's
     convention for DDPM checkpoints, and ``alpha_bar(t_i)`` is ``prod_{j <= i} (1 - beta_j)`` exactly. Between
     entries ``log alpha_bar`` is linear, so ``beta(t)`` is piecewise constant. A virtual entry
     ``alpha_bar = 1`` at ``t_{-1} = -1 / (N - 1)`` extends the table to the clean data, so the DDPM step into
     entry 0 has ``beta_0`` too.
+
+    ``N`` is the table's length unless ``num_levels`` says otherwise. That happens when a diffusers config gives
+    ``trained_betas`` of another length than ``num_train_timesteps``: diffusers then still counts
+    ``num_train_timesteps`` training timesteps and reads timestep ``k`` from the table's entry ``k``. So does this
+    schedule: entries past level ``N - 1`` are unused, and levels past the table's end (where diffusers fails with
+    an index error) repeat the table's last beta. :attr:`betas` holds the ``N`` betas of the levels.
     """
 
-    def __init__(self, betas: torch.Tensor) -> None:
+    def __init__(self, betas: torch.Tensor, num_levels: int | None = None) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         if betas.numel() < 2 or not torch.all((betas > 0) & (betas < 1)):
             raise ValueError("betas must hold at least 2 values, each in (0, 1).")
+        if num_levels is not None:
+            if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+                raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}.")
+            if num_levels < betas.numel():
+                betas = betas[:num_levels]
+            elif num_levels > betas.numel():
+                betas = torch.cat([betas, betas[-1:].expand(num_levels - betas.numel())])
         self.betas = betas
         self.num_train_timesteps = betas.numel()
         log_table = torch.cumsum(torch.log1p(-betas), dim=0)

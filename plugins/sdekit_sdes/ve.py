@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -42,6 +43,21 @@ class VESDE(SDE):
 
     def __repr__(self) -> str:
         return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, N={self.N})"
+
+    @classmethod
+    def config_params(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """A scheduler configuration's noise range: ``sigma_min``, ``sigma_max`` and ``N = num_train_timesteps``
+        (what diffusers' ``ScoreSdeVeScheduler`` saves)."""
+        keys = {"sigma_min": "sigma_min", "sigma_max": "sigma_max", "num_train_timesteps": "N"}
+        return {name: config[key] for key, name in keys.items() if config.get(key) is not None}
+
+    def default_time_input(self) -> str:
+        """``sigma``: NCSN-style models are conditioned on the noise level itself."""
+        return "sigma"
+
+    def prior_std(self) -> float:
+        """``sigma_max``: the prior is ``N(0, sigma_max^2 I)``."""
+        return self.sigma_max
 
     def sigma(self, t: TimeLike) -> torch.Tensor:
         """The noise level ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -11,6 +13,24 @@ from sdekit.sde import TimeLike, VPTypeSDE, broadcast_time, gaussian_log_prob
 from .schedules import BetaSchedule, DiscreteBetaSchedule, LinearBetaSchedule, ddpm_betas
 
 __all__ = ["VPSDE", "SubVPSDE"]
+
+
+def _warn_table_length(table_length: int, num_train_timesteps: int) -> None:
+    """Warn that ``trained_betas`` and ``num_train_timesteps`` disagree, and say what is done (diffusers' reading)."""
+    if table_length > num_train_timesteps:
+        what = f"its entries past {num_train_timesteps - 1} are unused"
+    else:
+        what = (
+            f"timesteps {table_length}..{num_train_timesteps - 1} lie past the table's end and repeat its last beta "
+            "(diffusers fails there with an index error)"
+        )
+    warnings.warn(
+        f"trained_betas has {table_length} entries but num_train_timesteps={num_train_timesteps}. As in diffusers, "
+        f"there are num_train_timesteps training timesteps and timestep k reads the table's entry k: {what}. "
+        "Give trained_betas one entry per training timestep to silence this.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 class _VPFamily(VPTypeSDE):
@@ -50,7 +70,10 @@ class _VPFamily(VPTypeSDE):
                     f"{type(self).__name__}: pass either the continuous schedule (beta_min, beta_max, N) or a DDPM "
                     f"table ({', '.join(ddpm)}), not both; got {', '.join(clash)} with {', '.join(given)}."
                 )
-            self.schedule = DiscreteBetaSchedule(ddpm_betas(**given))
+            betas = ddpm_betas(**given)
+            if num_train_timesteps is not None and betas.numel() != num_train_timesteps:
+                _warn_table_length(betas.numel(), num_train_timesteps)
+            self.schedule = DiscreteBetaSchedule(betas, num_levels=num_train_timesteps)
             N = self.schedule.num_train_timesteps
             # t = 0 is the table's first (noisy) entry, the last level a DDPM sampler visits.
             sampling_eps = 0.0 if sampling_eps is None else sampling_eps
@@ -61,6 +84,22 @@ class _VPFamily(VPTypeSDE):
             N = 1000 if N is None else N
             sampling_eps = 1e-3 if sampling_eps is None else sampling_eps
         super().__init__(N=N, sampling_eps=sampling_eps)
+
+    _TABLE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+    @classmethod
+    def config_params(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """A scheduler configuration's DDPM table (``num_train_timesteps``, ``beta_start``, ``beta_end``,
+        ``beta_schedule``, ``trained_betas``): the SDE of a diffusers DDPM checkpoint."""
+        return {key: config[key] for key in cls._TABLE_KEYS if key in config}
+
+    def default_time_input(self) -> str:
+        """``ddpm``: the model takes ``t (N - 1)``, a DDPM checkpoint's integer levels on a table."""
+        return "ddpm"
+
+    def prior_std(self) -> float:
+        """1: the prior is ``N(0, I)``."""
+        return 1.0
 
     @property
     def is_discrete(self) -> bool:

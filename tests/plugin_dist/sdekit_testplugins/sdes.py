@@ -26,14 +26,14 @@ class ConstantVESDE(SDE):
         super().__init__(N=N, sampling_eps=sampling_eps)
         if not math.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}.")
-        self.sigma = float(sigma)
+        self.scale = float(sigma)
 
     def sde(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
         tt = broadcast_time(t, x)
-        return torch.zeros_like(x), torch.full_like(tt, self.sigma).to(x.dtype)
+        return torch.zeros_like(x), torch.full_like(tt, self.scale).to(x.dtype)
 
     def marginal_coeffs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ones_like(t), self.sigma * torch.sqrt(t.clamp(min=0))
+        return torch.ones_like(t), self.scale * torch.sqrt(t.clamp(min=0))
 
     def prior_sampling(
         self,
@@ -43,10 +43,10 @@ class ConstantVESDE(SDE):
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         z = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
-        return z * (self.sigma * math.sqrt(self.T))
+        return z * (self.scale * math.sqrt(self.T))
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
-        return gaussian_log_prob(z, self.sigma * math.sqrt(self.T))
+        return gaussian_log_prob(z, self.scale * math.sqrt(self.T))
 
 
 class FutureSDE(ConstantVESDE):
@@ -64,3 +64,31 @@ class NotAnSDE:
 
     def sde(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros_like(x), torch.ones_like(x)
+
+
+class UndeclaredSDE:
+    """The math of the SDE protocol without what an SDE declares about itself (how it is built from a scheduler
+    configuration, its model time, prior std, table, noise levels): not a subclass of sdekit's ``SDE``."""
+
+    N, T, sampling_eps = 100, 1.0, 1e-3
+
+    def sde(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(x), torch.ones_like(x)
+
+    def marginal_coeffs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ones_like(t), torch.sqrt(t)
+
+    def marginal_prob(self, x0: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
+        return x0, torch.sqrt(torch.as_tensor(t))
+
+    def prior_sampling(self, shape: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
+        return randn_tensor(tuple(shape), generator=generator)
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        return gaussian_log_prob(z, 1.0)
+
+    def discretize(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(x), torch.full_like(x, math.sqrt(self.T / self.N))
+
+    def reverse(self, score_fn: object, probability_flow: bool = False) -> None:
+        raise NotImplementedError
