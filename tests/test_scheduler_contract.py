@@ -1,23 +1,18 @@
-"""Every built-in sampler honours the diffusers scheduler contract in unmodified diffusers pipelines."""
+"""What the built-in samplers promise beyond the conformance kit.
+
+``tests/test_conformance.py`` runs ``sdekit.testing.check_scheduler`` on every case below: the unmodified DDPM,
+DDIM and LDM pipelines, one model call per timestep, determinism, pipeline save and reload, no host sync in
+``step()``, ``add_noise`` and diffusers' ``SchedulerCommonTest`` checks. This file keeps what the kit does not
+cover: the exports, a Stable-Diffusion-style loop with classifier-free guidance and custom timesteps, dtypes,
+and the errors.
+"""
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMPipeline,
-    DDIMScheduler,
-    DDPMPipeline,
-    DDPMScheduler,
-    DiffusionPipeline,
-    LDMPipeline,
-    VQModel,
-)
+from diffusers import DDPMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdekit
 from sdekit import load_scheduler
@@ -39,25 +34,9 @@ CASES = [
 IDS = [name + "".join(f"-{k}" if k == "gamma" else f"-{v}" for k, v in overrides.items()) for name, overrides in CASES]
 
 
-class _CallCounter:
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.calls = 0
-        module.register_forward_hook(self._hook)
-
-    def _hook(self, *args: object) -> None:
-        self.calls += 1
-
-
 @pytest.fixture(params=CASES, ids=IDS)
 def case(request: pytest.FixtureRequest) -> tuple[str, dict]:
     return request.param
-
-
-def _ddpm_pipe(name: str, overrides: dict) -> DDPMPipeline:
-    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
-    pipe.scheduler = load_scheduler(name, pipe.scheduler.config, **overrides)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_scheduler_classes_are_exported_from_sdekit(case: tuple[str, dict]) -> None:
@@ -65,45 +44,6 @@ def test_scheduler_classes_are_exported_from_sdekit(case: tuple[str, dict]) -> N
     cls = sdekit.get_sampler_class(name)
     assert getattr(sdekit, cls.__name__) is cls
     assert issubclass(cls, sdekit.SchedulerMixin) and issubclass(cls, sdekit.SDEScheduler)
-
-
-def test_ddpm_pipeline_runs_and_calls_the_model_once_per_timestep(case: tuple[str, dict]) -> None:
-    name, overrides = case
-    pipe = _ddpm_pipe(name, overrides)
-    counter = _CallCounter(pipe.unet)
-    out = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert out.images.shape == (2, 8, 8, 3) and np.isfinite(out.images).all()
-    assert counter.calls == len(pipe.scheduler.timesteps) >= 4
-    again = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
-    np.testing.assert_array_equal(out.images, again.images)  # same seed, same samples; set_timesteps resets state
-
-
-def test_ddim_and_ldm_pipelines_run(case: tuple[str, dict]) -> None:
-    name, overrides = case
-    ddim = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())
-    ddim.scheduler = load_scheduler(name, ddim.scheduler.config, **overrides)  # after construction: see docs
-    ddim.set_progress_bar_config(disable=True)
-    images = ddim(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert images.images.shape == (1, 8, 8, 3) and np.isfinite(images.images).all()
-
-    torch.manual_seed(0)
-    vqvae = VQModel(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=3,
-        block_out_channels=(8,),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        num_vq_embeddings=16,
-        vq_embed_dim=3,
-    )
-    ldm = LDMPipeline(
-        vqvae=vqvae, unet=tiny_unet(), scheduler=load_scheduler(name, DDIMScheduler().config, **overrides)
-    )
-    ldm.set_progress_bar_config(disable=True)
-    images = ldm(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert images.images.shape == (1, 8, 8, 3) and np.isfinite(images.images).all()
 
 
 def test_stable_diffusion_style_loop(case: tuple[str, dict]) -> None:
@@ -131,49 +71,8 @@ def test_stable_diffusion_style_loop(case: tuple[str, dict]) -> None:
     assert float(timesteps[0]) == pytest.approx(999, abs=1e-3)
 
 
-def test_save_and_reload_give_back_the_scheduler(case: tuple[str, dict], tmp_path) -> None:
-    name, overrides = case
-    pipe = _ddpm_pipe(name, overrides)
-    pipe.save_pretrained(tmp_path)
-    library, class_name = json.loads((tmp_path / "model_index.json").read_text())["scheduler"]
-    assert class_name == type(pipe.scheduler).__name__
-    assert library == "sdekit"
-    reloaded = DiffusionPipeline.from_pretrained(tmp_path)
-    assert type(reloaded.scheduler) is type(pipe.scheduler)
-    assert _public(reloaded.scheduler.config) == _public(pipe.scheduler.config)
-    alone = type(pipe.scheduler).from_pretrained(tmp_path, subfolder="scheduler")
-    assert _public(alone.config) == _public(pipe.scheduler.config)
-
-
-def _public(config: dict) -> dict:
-    return {key: value for key, value in config.items() if not key.startswith("_")}
-
-
-class _NoHostSync(TorchDispatchMode):
-    """Fails on any op that reads a tensor's value on the host (.item(), bool(t), float(t), .tolist())."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
-            raise AssertionError(f"step() synchronises with the host through {func}")
-        return func(*args, **(kwargs or {}))
-
-
-def test_step_never_syncs_with_the_host(case: tuple[str, dict]) -> None:
-    name, overrides = case
-    scheduler = load_scheduler(name, DDPMScheduler().config, **overrides)
-    scheduler.set_timesteps(6)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2, 4, 4, generator=gen)
-    scheduler.step(torch.randn_like(x), scheduler.timesteps[0], x, generator=gen)  # index lookup may sync once
-    for t in scheduler.timesteps[1:]:
-        out = torch.randn(x.shape, generator=gen)
-        with _NoHostSync():
-            x = scheduler.step(out, t, x, generator=gen).prev_sample
-    assert torch.isfinite(x).all()
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-def test_dtype_is_kept_and_add_noise_takes_any_shape(case: tuple[str, dict], dtype: torch.dtype) -> None:
+def test_dtype_is_kept(case: tuple[str, dict], dtype: torch.dtype) -> None:
     name, overrides = case
     scheduler = load_scheduler(name, DDPMScheduler().config, **overrides)
     scheduler.set_timesteps(3)
@@ -181,10 +80,8 @@ def test_dtype_is_kept_and_add_noise_takes_any_shape(case: tuple[str, dict], dty
     t = scheduler.timesteps[0]
     out = scheduler.step(torch.randn_like(x), t, x, generator=torch.Generator().manual_seed(0))
     assert out.prev_sample.dtype == dtype and out.pred_original_sample.dtype == dtype
-    for shape in [(5,), (5, 7), (5, 2, 3, 4, 2)]:
-        x0, noise = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-        noisy = scheduler.add_noise(x0, noise, torch.full((5,), 500))
-        assert noisy.shape == x0.shape and noisy.dtype == dtype
+    noisy = scheduler.add_noise(x, torch.randn_like(x), torch.full((2,), 500))
+    assert noisy.dtype == dtype
     assert len(scheduler) == 1000
 
 

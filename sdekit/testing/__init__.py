@@ -2,9 +2,11 @@
 
 A :class:`GaussianMixture` stays a mixture under every affine-Gaussian SDE, so its noisy score is closed form;
 :class:`MixtureScoreModel` serves that score through a ``UNet2DModel``-like interface. A sampler that is right
-gives the mixture back.
+gives the mixture back. :func:`check_scheduler` (the conformance kit, :mod:`sdekit.testing.conformance`) checks
+a scheduler against diffusers' scheduler contract and sdekit's.
 """
 
+from .conformance import ConformanceReport, check_scheduler
 from .metrics import (
     frechet_distance,
     gaussian_frechet_distance,
@@ -16,8 +18,10 @@ from .mixture import GaussianMixture
 from .oracle import MixtureScoreModel, epsilon_oracle, score_oracle
 
 __all__ = [
+    "ConformanceReport",
     "GaussianMixture",
     "MixtureScoreModel",
+    "check_scheduler",
     "epsilon_oracle",
     "frechet_distance",
     "gaussian_frechet_distance",
