@@ -38,8 +38,10 @@ __all__ = [
     "compose_model_output",
     "convert_model_output",
     "from_model_time",
+    "level_to_time",
     "model_output_to",
     "split_model_output",
+    "time_to_level",
     "to_model_time",
 ]
 
@@ -140,6 +142,22 @@ def to_model_time(sde: SDE, t: TimeLike, time_input: str) -> torch.Tensor:
     if time_input == "sigma":
         return sde.sigma(t)
     return t
+
+
+def time_to_level(t: float | torch.Tensor, num_levels: int) -> int | torch.Tensor:
+    """The training level ``round(t (N - 1))`` nearest continuous time ``t`` on a table of ``N = num_levels``
+    levels at ``t_i = i / (N - 1)``: an ``int`` for a number, an int64 tensor for a tensor."""
+    if torch.is_tensor(t):
+        return torch.round(t * (num_levels - 1)).to(torch.int64)
+    return round(t * (num_levels - 1))
+
+
+def level_to_time(level: int | torch.Tensor, num_levels: int) -> float | torch.Tensor:
+    """The continuous time ``i / (N - 1)`` of training level ``i`` on a table of ``N = num_levels`` levels
+    (float64 for a tensor); the inverse of :func:`time_to_level`."""
+    if torch.is_tensor(level):
+        return level.to(torch.float64) / (num_levels - 1)
+    return level / (num_levels - 1)
 
 
 def from_model_time(sde: SDE, timestep: TimeLike, time_input: str) -> torch.Tensor:

@@ -1,15 +1,19 @@
 """The diffusers-scheduler plumbing every sdekit sampler shares.
 
-A sampler plugin subclasses :class:`SDEScheduler`, lists the shared configuration (:data:`COMMON_CONFIG`) plus
-its own parameters in an ``@register_to_config`` ``__init__``, and implements two hooks:
+The public extension API, what sdekit's own samplers use and a third-party sampler uses the same way
+(``docs/plugins.md`` has a complete sampler written against it). A sampler subclasses :class:`SDEScheduler`,
+lists the shared configuration (:data:`COMMON_CONFIG`) plus its own parameters in an ``@register_to_config``
+``__init__`` that ends with :meth:`SDEScheduler.setup`, and implements two methods:
 
-* ``_plan(times)``: given the noise levels to visit (continuous ``t``, descending), return the continuous time of
-  every model evaluation, in order, and precompute whatever ``step()`` needs (as Python floats, so that
-  ``step()`` launches no host-device syncs);
-* ``_step(index, model_output, sample, generator, use_clipped_model_output)``: one evaluation's update,
-  returning ``(prev_sample, pred_original_sample)``.
+* :meth:`~SDEScheduler.plan_evaluations` ``(times)``: given the noise levels to visit (continuous ``t``,
+  descending), return the continuous time of every model evaluation, in order, and precompute whatever ``step()``
+  needs (as Python floats, so that ``step()`` launches no host-device syncs);
+* :meth:`~SDEScheduler.update` ``(index, model_output, sample, generator, use_clipped_model_output, eta)``: one
+  evaluation's update, returning ``(prev_sample, pred_original_sample)``.
 
-``_spaced_times`` / ``_custom_times`` choose the levels for ``set_timesteps`` and may be overridden too.
+It may override :meth:`~SDEScheduler.spaced_times` / :meth:`~SDEScheduler.custom_times` (how ``set_timesteps``
+chooses the levels) and :meth:`~SDEScheduler.check_eta`, and uses the helpers :meth:`~SDEScheduler.kernel_coeffs`,
+:meth:`~SDEScheduler.x0_and_eps`, :meth:`~SDEScheduler.noise_like` and :meth:`~SDEScheduler.model_timesteps`.
 
 The base builds the SDE from the config, maps continuous time to the model's timestep units, keeps the step
 index as diffusers' schedulers do, checks shapes, honours ``check_finite``, and translates configs saved by
@@ -37,45 +41,107 @@ from .parametrization import (
     check_choice,
     from_model_time,
     split_model_output,
+    time_to_level,
     to_model_time,
 )
 from .registry import get_sampler_class, get_sde, get_sde_class, list_plugins, registered_name
 from .sde import SDE, TimeLike, VPTypeSDE, broadcast_time, compute_dtype
 
-__all__ = ["COMMON_CONFIG", "SDEScheduler", "SDESchedulerOutput", "sde_from_config", "shared_config"]
+__all__ = [
+    "COMMON_CONFIG",
+    "SHARED_DOC",
+    "SHARED_PARAMETERS",
+    "SDEScheduler",
+    "SDESchedulerOutput",
+    "SharedParameter",
+    "check_shared_parameters",
+    "sde_from_config",
+    "shared_config",
+]
 
-COMMON_CONFIG = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "sigma_min",
-    "sigma_max",
-    "sde",
-    "sde_params",
-    "sampling_eps",
-    "prediction_type",
-    "time_input",
-    "clip_sample",
-    "clip_sample_range",
-    "check_finite",
+
+@dataclass(frozen=True)
+class SharedParameter:
+    """One key of the configuration every sdekit scheduler takes: its name, default and annotation (as written in
+    the ``__init__`` signature, under ``from __future__ import annotations``)."""
+
+    name: str
+    default: Any
+    annotation: str
+
+
+SHARED_PARAMETERS: tuple[SharedParameter, ...] = (
+    SharedParameter("num_train_timesteps", 1000, "int"),
+    SharedParameter("beta_start", 0.0001, "float"),
+    SharedParameter("beta_end", 0.02, "float"),
+    SharedParameter("beta_schedule", "linear", "str"),
+    SharedParameter("trained_betas", None, "list[float] | None"),
+    SharedParameter("sigma_min", 0.01, "float"),
+    SharedParameter("sigma_max", 50.0, "float"),
+    SharedParameter("sde", "vp", "str"),
+    SharedParameter("sde_params", None, "dict | None"),
+    SharedParameter("sampling_eps", None, "float | None"),
+    SharedParameter("prediction_type", "epsilon", "str"),
+    SharedParameter("time_input", None, "str | None"),
+    SharedParameter("clip_sample", False, "bool"),
+    SharedParameter("clip_sample_range", 1.0, "float"),
+    SharedParameter("check_finite", False, "bool"),
 )
+"""The shared configuration, declared once: every sdekit scheduler's ``__init__`` starts with these parameters,
+with these defaults and annotations (:func:`check_shared_parameters`); :class:`SDEScheduler` documents them."""
+
+COMMON_CONFIG: tuple[str, ...] = tuple(p.name for p in SHARED_PARAMETERS)
 """Configuration keys every sdekit scheduler takes (see :class:`SDEScheduler` for their meaning)."""
 
-_DDPM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-_SHARED_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "sigma_min": 0.01,
-    "sigma_max": 50.0,
-    "sde": "vp",
-    "sde_params": None,
-    "sampling_eps": None,
-}
+SHARED_DOC = (
+    "num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, sigma_min, sigma_max, sde, "
+    "sde_params, sampling_eps, prediction_type, time_input, clip_sample, clip_sample_range, check_finite: the "
+    "shared configuration of :class:`sdekit.SDEScheduler`"
+)
+"""How a sampler's docstring names the shared parameters (whitespace aside): by reference to the base, which
+documents them, so that their descriptions and defaults are written once."""
+
+_SHARED_DEFAULTS: dict[str, Any] = {p.name: p.default for p in SHARED_PARAMETERS}
+
+
+def check_shared_parameters(cls: type) -> None:
+    """Check that the sampler ``cls`` takes the shared configuration as declared in :data:`SHARED_PARAMETERS`.
+
+    Its ``__init__`` must start with those parameters, in that order, with the same annotations and defaults (a
+    sampler may change a default only by declaring it in :attr:`SDEScheduler.shared_default_overrides`), and its
+    docstring must refer to them with :data:`SHARED_DOC` rather than describe them again.
+
+    Raises:
+        TypeError: naming the first parameter that differs, what it is and what it should be.
+    """
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    overrides = dict(getattr(cls, "shared_default_overrides", {}))
+    for index, shared in enumerate(SHARED_PARAMETERS):
+        default = overrides.get(shared.name, shared.default)
+        if index >= len(params) or params[index].name != shared.name:
+            found = params[index].name if index < len(params) else "nothing"
+            raise TypeError(
+                f"{cls.__name__}.__init__: parameter {index + 1} must be the shared {shared.name!r}, found {found!r}."
+            )
+        param = params[index]
+        if param.default != default or type(param.default) is not type(default):
+            declared = " (declared in shared_default_overrides)" if shared.name in overrides else ""
+            raise TypeError(
+                f"{cls.__name__}.__init__: {shared.name} defaults to {param.default!r}; the shared configuration's "
+                f"default is {default!r}{declared}."
+            )
+        annotation = param.annotation
+        written = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+        if written != shared.annotation:
+            raise TypeError(
+                f"{cls.__name__}.__init__: {shared.name} is annotated {written}; the shared configuration's "
+                f"annotation is {shared.annotation}."
+            )
+    if " ".join(SHARED_DOC.split()) not in " ".join((cls.__doc__ or "").split()):
+        raise TypeError(
+            f"{cls.__name__}'s docstring must name the shared parameters as {SHARED_DOC!r} (they are documented "
+            "once, on SDEScheduler)."
+        )
 
 
 @dataclass
@@ -161,6 +227,9 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
 
     _compatibles = ["DDPMScheduler", "DDIMScheduler", "ScoreSdeVeScheduler"]
     order = 1
+    shared_default_overrides: Mapping[str, Any] = {}
+    """Shared parameters whose default this sampler changes, with the new default (e.g. ``{"clip_sample": True}``);
+    :func:`check_shared_parameters` holds the signature to it."""
     integer_timesteps = False
     """Whether ``timesteps`` are the model's integer training levels (DDPM-style samplers) on ``ddpm`` model time."""
 
@@ -174,8 +243,11 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
 
     # -- construction -------------------------------------------------------------------------------------
 
-    def _setup(self) -> None:
-        """Build the SDE and validate the shared configuration; subclasses call this from ``__init__``."""
+    def setup(self) -> None:
+        """Build the SDE from the configuration (:func:`sde_from_config`), resolve the model's time input,
+        validate the shared configuration and reset the sampling state. A sampler calls it at the end of its
+        ``__init__``, after checking its own parameters; afterwards ``self.sde``, ``self.time_input``,
+        ``self.init_noise_sigma`` and ``self.eval_times`` (the continuous time of each planned evaluation) exist."""
         c = self.config
         check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
         if c.clip_sample_range <= 0:
@@ -186,7 +258,7 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         self.init_noise_sigma = self.sde.prior_std()
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
-        self._eval_times: list[float] = []
+        self.eval_times: list[float] = []
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
@@ -311,16 +383,16 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps and timesteps.")
         if timesteps is not None:
-            times = self._custom_times(timesteps)
+            times = self.custom_times(timesteps)
         else:
-            times = self._spaced_times(num_inference_steps)
+            times = self.spaced_times(num_inference_steps)
         self.num_inference_steps = len(times)
-        self._eval_times = self._plan(times)
-        self.timesteps = self._model_timesteps(torch.tensor(self._eval_times, dtype=torch.float64)).to(device=device)
+        self.eval_times = self.plan_evaluations(times)
+        self.timesteps = self.model_timesteps(torch.tensor(self.eval_times, dtype=torch.float64)).to(device=device)
         self._step_index = None
         self._begin_index = None
 
-    def _spaced_times(self, num_inference_steps: int) -> list[float]:
+    def spaced_times(self, num_inference_steps: int) -> list[float]:
         """Continuous times of ``num_inference_steps`` levels, evenly spaced from ``T`` to ``sampling_eps``."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
@@ -333,18 +405,18 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
             )
         return torch.linspace(self.sde.T, self.sde.sampling_eps, num_inference_steps, dtype=torch.float64).tolist()
 
-    def _custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+    def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
         """Continuous times of user-given model timesteps, which must be strictly decreasing."""
         levels = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
         if levels.numel() < 1 or not bool(torch.all(levels[1:] < levels[:-1])):
             raise ValueError(f"timesteps must be a non-empty, strictly decreasing sequence; got {levels.tolist()}.")
         return from_model_time(self.sde, levels, self.time_input).tolist()
 
-    def _model_timesteps(self, eval_times: torch.Tensor) -> torch.Tensor:
+    def model_timesteps(self, eval_times: torch.Tensor) -> torch.Tensor:
         """The ``timesteps`` tensor for evaluation times ``eval_times`` (float64): int64 table levels for samplers
         with :attr:`integer_timesteps` on ``ddpm`` model time, float32 model units otherwise."""
         if self.integer_timesteps and self.time_input == "ddpm":
-            return torch.round(eval_times * (self.config.num_train_timesteps - 1)).to(torch.int64)
+            return time_to_level(eval_times, self.config.num_train_timesteps)
         return to_model_time(self.sde, eval_times, self.time_input).to(torch.float32)
 
     def _init_step_index(self, timestep: TimeLike) -> None:
@@ -392,13 +464,13 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
                 "the model must predict one value per sample element (a model with learned variances returns "
                 "twice the channels: pass only the first half)."
             )
-        self._check_eta(eta)
+        self.check_eta(eta)
         if self._step_index is None:
             self._init_step_index(timestep)
         index = self._step_index
-        if index >= len(self._eval_times):
-            raise ValueError(f"all {len(self._eval_times)} evaluations are done; call set_timesteps() to start over.")
-        prev_sample, x0 = self._step(index, model_output, sample, generator, bool(use_clipped_model_output), eta)
+        if index >= len(self.eval_times):
+            raise ValueError(f"all {len(self.eval_times)} evaluations are done; call set_timesteps() to start over.")
+        prev_sample, x0 = self.update(index, model_output, sample, generator, bool(use_clipped_model_output), eta)
         if self.config.check_finite and not bool(torch.isfinite(prev_sample).all()):
             raise FloatingPointError(
                 f"step {index} (timestep {float(self.timesteps[index])}) produced NaN or Inf; check the model output "
@@ -434,22 +506,26 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         noisy = alpha * original_samples.to(tt.dtype) + sigma * noise.to(tt.dtype)
         return noisy.to(original_samples.dtype)
 
-    # -- helpers for subclasses ---------------------------------------------------------------------------
+    # -- the extension API: what a sampler implements, overrides and uses ------------------------------------
 
-    def _check_eta(self, eta: float | None) -> None:
-        """Samplers without DDIM's ``eta`` accept only ``None`` or 0 (what DDIM / LDM pipelines pass)."""
+    def check_eta(self, eta: float | None) -> None:
+        """Validate the ``eta`` passed to ``step()``; raise ``ValueError`` if this sampler cannot take it.
+
+        The default: samplers without DDIM's ``eta`` accept only ``None`` or 0 (what DDIM / LDM pipelines pass).
+        Override it in a sampler that has an ``eta``.
+        """
         if eta not in (None, 0, 0.0):
             raise ValueError(
                 f"eta={eta!r} is DDIM's noise scale; {type(self).__name__} does not use it. Pass eta=0 (or none), "
                 "or use the ddim or analytic-dpm sampler."
             )
 
-    def _coeffs(self, t: float) -> tuple[float, float]:
+    def kernel_coeffs(self, t: float) -> tuple[float, float]:
         """``(alpha(t), sigma(t))`` of the SDE's kernel as Python floats (for precomputation)."""
         alpha, sigma = self.sde.marginal_coeffs(torch.tensor(t, dtype=torch.float64))
         return float(alpha), float(sigma)
 
-    def _x0_eps(
+    def x0_and_eps(
         self,
         model_output: torch.Tensor,
         sample: torch.Tensor,
@@ -466,20 +542,28 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
             limit = self.config.clip_sample_range
             x0 = x0.clamp(-limit, limit)
             if use_clipped_model_output:
-                eps = (sample.to(x0.dtype) - alpha * x0) / sigma
+                _, eps = split_model_output(x0, sample.to(x0.dtype), alpha, sigma, "sample")
         return x0, eps
 
-    def _noise(self, sample: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-        """Standard normal noise like ``sample`` in the compute dtype, from ``generator``."""
+    def noise_like(
+        self, sample: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """Standard normal noise like ``sample`` in the compute dtype, from ``generator`` (or a list of generators,
+        one per sample); the only source of randomness a sampler should use."""
         dtype = compute_dtype(sample.dtype)
         return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=dtype)
 
     @abc.abstractmethod
-    def _plan(self, times: list[float]) -> list[float]:
-        """Continuous time of every model evaluation for the noise levels ``times``; precompute step data."""
+    def plan_evaluations(self, times: list[float]) -> list[float]:
+        """The continuous time of every model evaluation, in order, for the noise levels ``times`` (descending,
+        from :meth:`spaced_times` or :meth:`custom_times`); precompute what :meth:`update` needs.
+
+        Called by ``set_timesteps``; ``timesteps`` becomes these times in the model's units, so a sampler that
+        evaluates the model twice per level (a corrector, a second-order solver) lists the level twice.
+        """
 
     @abc.abstractmethod
-    def _step(
+    def update(
         self,
         index: int,
         model_output: torch.Tensor,
@@ -488,7 +572,14 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         use_clipped_model_output: bool,
         eta: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluation ``index``'s update: ``(prev_sample, pred_original_sample)``."""
+        """Evaluation ``index``'s update: ``(prev_sample, pred_original_sample)``, in the compute dtype (the base
+        casts them back to the sample's dtype).
+
+        Called by ``step()`` once per model evaluation after the base has checked the shapes and ``eta``
+        (:meth:`check_eta`) and found the index. ``model_output`` is the model's prediction at ``sample`` and
+        ``eval_times[index]``; draw noise only with :meth:`noise_like` from ``generator``; read no tensor on the
+        host.
+        """
 
     # -- diffusers' DDPM table: betas, alphas, alphas_cumprod (VP-type SDEs only) -------------------------
 

@@ -22,4 +22,5 @@ def _blocks() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("name,code", _blocks(), ids=[name for name, _ in _blocks()])
 def test_doc_example_runs(name: str, code: str) -> None:
-    exec(compile(code, name, "exec"), {"__name__": "__docs__"})
+    # dont_inherit: the example runs without this module's `from __future__ import annotations`, as a user runs it.
+    exec(compile(code, name, "exec", dont_inherit=True), {"__name__": "__docs__"})

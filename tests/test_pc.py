@@ -224,7 +224,7 @@ def test_corrector_step_matches_the_formula(
     model_output = oracle(x, t_model).sample
     stepped = scheduler.step(model_output, t_model, x, generator=torch.Generator().manual_seed(1)).prev_sample
 
-    t = scheduler._eval_times[0]
+    t = scheduler.eval_times[0]
     sde = scheduler.sde
     _, sigma = sde.marginal_coeffs(torch.tensor(t, dtype=torch.float64))
     # The oracle returns the score (VE) or epsilon = -sigma score (VP).

@@ -28,12 +28,11 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
 from sdekit.likelihood import GaussianStep
-from sdekit.parametrization import check_choice, from_model_time
+from sdekit.parametrization import check_choice, from_model_time, level_to_time, time_to_level
 from sdekit.scheduler import SDEScheduler
 from sdekit.sde import VPTypeSDE
 
@@ -72,9 +71,9 @@ class AnalyticDPMScheduler(SDEScheduler):
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, sigma_min, sigma_max, sde,
-            sde_params, sampling_eps, prediction_type, time_input, clip_sample_range, check_finite: the shared
-            configuration of :class:`sdekit.scheduler.SDEScheduler` (defaults 1000, 0.0001, 0.02, ``"linear"``,
-            ``None``, 0.01, 50.0, ``"vp"``, ``None``, ``None``, ``"epsilon"``, ``None``, 1.0, ``False``). The SDE
+            sde_params, sampling_eps, prediction_type, time_input, clip_sample, clip_sample_range, check_finite:
+            the shared configuration of :class:`sdekit.SDEScheduler`, except that ``clip_sample`` defaults to True
+            here (below). The SDE
             must be ``vp`` on a discrete DDPM table with ``num_train_timesteps`` levels; ``sampling_eps`` is not
             used (trajectories end at the first level).
         clip_sample: the data lie in ``[-clip_sample_range, clip_sample_range]``: clip ``x0_hat`` to that range,
@@ -96,6 +95,8 @@ class AnalyticDPMScheduler(SDEScheduler):
 
     integer_timesteps = True
 
+    shared_default_overrides = {"clip_sample": True}
+
     @register_to_config
     def __init__(
         self,
@@ -103,7 +104,7 @@ class AnalyticDPMScheduler(SDEScheduler):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | np.ndarray | None = None,
+        trained_betas: list[float] | None = None,
         sigma_min: float = 0.01,
         sigma_max: float = 50.0,
         sde: str = "vp",
@@ -127,9 +128,9 @@ class AnalyticDPMScheduler(SDEScheduler):
             isinstance(clip_pixel, bool) or not isinstance(clip_pixel, numbers.Real) or not 0 < clip_pixel < math.inf
         ):
             raise ValueError(f"clip_pixel must be a number > 0 (pixel widths) or None, got {clip_pixel!r}.")
-        self._setup()
+        self.setup()
         self._check_discrete_vp()
-        levels = torch.arange(num_train_timesteps, dtype=torch.float64) / (num_train_timesteps - 1)
+        levels = level_to_time(torch.arange(num_train_timesteps), num_train_timesteps)
         self._log_abar = self.sde.log_alpha_bar(levels)
         if gamma is not None:
             self.register_to_config(gamma=check_gamma(gamma, num_train_timesteps, stacklevel=4))
@@ -194,7 +195,7 @@ class AnalyticDPMScheduler(SDEScheduler):
                 )
             num_inference_steps, planned = self._request
         if planned is not None:
-            times = self._custom_times(planned)
+            times = self.custom_times(planned)
         elif self.config.trajectory == "optimal":
             raise ValueError(
                 "timesteps='trajectory' cannot tell the levels of trajectory='optimal' before Gamma is known: a "
@@ -202,8 +203,8 @@ class AnalyticDPMScheduler(SDEScheduler):
                 + optimal_remedy(num_levels, num_samples, batch_size)
             )
         else:
-            times = self._spaced_times(num_inference_steps)
-        return sorted(round(t * (num_levels - 1)) for t in times)
+            times = self.spaced_times(num_inference_steps)
+        return sorted(time_to_level(t, num_levels) for t in times)
 
     def estimate_gamma(
         self,
@@ -264,7 +265,7 @@ class AnalyticDPMScheduler(SDEScheduler):
             data,
             self._log_abar,
             levels,
-            self._model_timesteps(torch.tensor(levels, dtype=torch.float64) / (num_levels - 1)),
+            self.model_timesteps(level_to_time(torch.tensor(levels), num_levels)),
             self.config.prediction_type,
             num_samples,
             batch_size,
@@ -315,23 +316,23 @@ class AnalyticDPMScheduler(SDEScheduler):
         pixel = 2 * self.config.clip_sample_range / 255
         return (self.config.clip_pixel * pixel * math.sqrt(math.pi / 2)) ** 2
 
-    def _check_eta(self, eta: float | None) -> None:
+    def check_eta(self, eta: float | None) -> None:
         if eta is not None:
             check_eta(eta)
 
-    def _custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+    def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
         """The levels given in model units: at least 2 strictly decreasing table levels in ``[0, N - 1]`` (integers
         for ``ddpm`` model time); they should end at 0."""
         num_levels = self.config.num_train_timesteps
         given = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
         exact = from_model_time(self.sde, given, self.time_input) * (num_levels - 1)
-        return [n / (num_levels - 1) for n in custom_levels(given, exact, num_levels)]
+        return [level_to_time(n, num_levels) for n in custom_levels(given, exact, num_levels)]
 
-    def _spaced_times(self, num_inference_steps: int) -> list[float]:
+    def spaced_times(self, num_inference_steps: int) -> list[float]:
         """``K = num_inference_steps`` levels from ``N - 1`` down to 0 following ``trajectory``."""
         num_levels = self.config.num_train_timesteps
         check_num_steps(num_inference_steps, num_levels)
-        return [n / (num_levels - 1) for n in self._trajectory(num_inference_steps)[::-1]]
+        return [level_to_time(n, num_levels) for n in self._trajectory(num_inference_steps)[::-1]]
 
     def set_timesteps(
         self,
@@ -354,9 +355,9 @@ class AnalyticDPMScheduler(SDEScheduler):
         planned = None if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64).flatten().tolist()
         self._request = (num_inference_steps, planned)
 
-    def _plan(self, times: list[float]) -> list[float]:
+    def plan_evaluations(self, times: list[float]) -> list[float]:
         num_levels = self.config.num_train_timesteps
-        descending = [round(t * (num_levels - 1)) for t in times]
+        descending = [time_to_level(t, num_levels) for t in times]
         variance = self.config.variance
         gamma: list[float | None] = [None] * len(descending)
         if variance == "analytic":
@@ -369,7 +370,7 @@ class AnalyticDPMScheduler(SDEScheduler):
 
     # -- the update ---------------------------------------------------------------------------------------
 
-    def _step(
+    def update(
         self,
         index: int,
         model_output: torch.Tensor,
@@ -381,14 +382,14 @@ class AnalyticDPMScheduler(SDEScheduler):
         step = self._steps[index]
         # The mean is the posterior form x0_coeff x0_hat + sample_coeff x_t, i.e. DDIM's eq. 12 with the noise
         # re-derived from the clipped x0_hat: use_clipped_model_output is always in effect.
-        x0, _ = self._x0_eps(model_output, sample, step.alpha, step.sigma, False)
+        x0, _ = self.x0_and_eps(model_output, sample, step.alpha, step.sigma, False)
         if step.target is None:
             return x0, x0  # the last step: x0_hat, no noise
         if eta is not None and eta != self.config.eta:
             step = step.at(eta, self.config.variance, self._max_covariance())
         prev_sample = torch.add(step.x0_coeff * x0, sample.to(x0.dtype), alpha=step.sample_coeff)
         if step.std > 0:
-            prev_sample.add_(self._noise(sample, generator), alpha=step.std)
+            prev_sample.add_(self.noise_like(sample, generator), alpha=step.std)
         return prev_sample, x0
 
     # -- the variational bound ----------------------------------------------------------------------------

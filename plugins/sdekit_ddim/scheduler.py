@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from sdekit.parametrization import check_choice
+from sdekit.parametrization import check_choice, level_to_time, time_to_level
 from sdekit.scheduler import SDEScheduler
 from sdekit.sde import VPTypeSDE
 
@@ -74,9 +74,8 @@ class DDIMSDEScheduler(SDEScheduler):
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, sigma_min, sigma_max, sde,
             sde_params, sampling_eps, prediction_type, time_input, clip_sample, clip_sample_range, check_finite:
-            the shared configuration of :class:`sdekit.scheduler.SDEScheduler` (defaults 1000, 0.0001, 0.02,
-            ``"linear"``, ``None``, 0.01, 50.0, ``"vp"``, ``None``, ``None``, ``"epsilon"``, ``None``, ``False``,
-            1.0, ``False``). ``sde`` must give a variance-preserving kernel (``alpha^2 + sigma^2 = 1``): ``vp``.
+            the shared configuration of :class:`sdekit.SDEScheduler`. ``sde`` must give a variance-preserving
+            kernel (``alpha^2 + sigma^2 = 1``): ``vp``.
             ``sampling_eps`` is not used: the levels come from ``timestep_spacing``.
         eta: the noise scale of eq. 16, ``>= 0``; default 0.0 (deterministic). ``step(eta=...)`` overrides it for
             one call, as in diffusers (``DDIMPipeline`` passes its own ``eta``, default 0).
@@ -95,7 +94,7 @@ class DDIMSDEScheduler(SDEScheduler):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | np.ndarray | None = None,
+        trained_betas: list[float] | None = None,
         sigma_min: float = 0.01,
         sigma_max: float = 50.0,
         sde: str = "vp",
@@ -115,7 +114,7 @@ class DDIMSDEScheduler(SDEScheduler):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
             raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}.")
-        self._setup()
+        self.setup()
         self._check_variance_preserving()
         if self.time_input == "ddpm" and self.sde.N != num_train_timesteps:
             raise ValueError(
@@ -137,7 +136,7 @@ class DDIMSDEScheduler(SDEScheduler):
 
     # -- timesteps ----------------------------------------------------------------------------------------
 
-    def _check_eta(self, eta: float | None) -> None:
+    def check_eta(self, eta: float | None) -> None:
         """DDIM takes any ``eta >= 0`` (``None`` uses the config's)."""
         if eta is not None:
             _check_eta_value(eta)
@@ -168,17 +167,17 @@ class DDIMSDEScheduler(SDEScheduler):
             levels = np.round(np.arange(n_train, 0, -n_train / num_inference_steps)) - 1
         return [int(k) for k in levels]
 
-    def _spaced_times(self, num_inference_steps: int) -> list[float]:
+    def spaced_times(self, num_inference_steps: int) -> list[float]:
         """diffusers' DDIMScheduler levels for ``timestep_spacing``; each step jumps ``N // num_inference_steps``."""
         n_train = self.config.num_train_timesteps
         levels = self._spaced_levels(num_inference_steps)
         self._jump = n_train // num_inference_steps
-        return [k / (n_train - 1) for k in levels]
+        return [level_to_time(k, n_train) for k in levels]
 
-    def _custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+    def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
         """Continuous times of user-given model timesteps (integers in ``[0, N - 1]`` for ``ddpm`` model time);
         each step lands on the next one, the last on the clean data (``set_alpha_to_one``) or ``alpha_bar(0)``."""
-        times = super()._custom_times(timesteps)
+        times = super().custom_times(timesteps)
         if self.time_input == "ddpm":
             levels = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
             last = self.config.num_train_timesteps - 1
@@ -198,20 +197,20 @@ class DDIMSDEScheduler(SDEScheduler):
         n_train = self.config.num_train_timesteps
         targets: list[float | None] = []
         for t in times:
-            k = round(t * (n_train - 1)) - self._jump
-            targets.append(k / (n_train - 1) if k >= 0 else None)
+            k = time_to_level(t, n_train) - self._jump
+            targets.append(level_to_time(k, n_train) if k >= 0 else None)
         return targets
 
-    def _plan(self, times: list[float]) -> list[float]:
+    def plan_evaluations(self, times: list[float]) -> list[float]:
         self._steps = []
         for t, target in zip(times, self._targets(times)):
-            alpha, sigma = self._coeffs(t)
+            alpha, sigma = self.kernel_coeffs(t)
             if target is not None:
-                alpha_prev, sigma_prev = self._coeffs(target)
+                alpha_prev, sigma_prev = self.kernel_coeffs(target)
             elif self.config.set_alpha_to_one:
                 alpha_prev, sigma_prev = 1.0, 0.0
             else:
-                alpha_prev, sigma_prev = self._coeffs(0.0)
+                alpha_prev, sigma_prev = self.kernel_coeffs(0.0)
             # eq. 16 at eta = 1: (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s), the DDPM beta_tilde; zero
             # from the clean data (a continuous VP's t = 0), where sigma_prev is 0 as well.
             ddpm_var = (sigma_prev / sigma) ** 2 * (1 - (alpha / alpha_prev) ** 2) if sigma > 0 else 0.0
@@ -233,7 +232,7 @@ class DDIMSDEScheduler(SDEScheduler):
             )
         return std, math.sqrt(max(direction_var, 0.0))
 
-    def _step(
+    def update(
         self,
         index: int,
         model_output: torch.Tensor,
@@ -245,12 +244,12 @@ class DDIMSDEScheduler(SDEScheduler):
         c = self._steps[index]
         eta = self.config.eta if eta is None else eta
         std, direction = self._noise_split(index, eta)
-        x0, eps = self._x0_eps(model_output, sample, c.alpha, c.sigma, use_clipped_model_output)
+        x0, eps = self.x0_and_eps(model_output, sample, c.alpha, c.sigma, use_clipped_model_output)
         # eq. 12 without its noise term; onto the clean data (direction 0) eps is left out, as it is undefined
         # where sigma_t is 0 too (a continuous VP's t = 0).
         prev_sample = c.alpha_prev * x0 if direction == 0 else torch.add(c.alpha_prev * x0, eps, alpha=direction)
         if eta > 0:
             # Drawn whenever eta > 0 (even when std is 0 at the last step), as diffusers' DDIMScheduler does,
             # so that a shared generator advances identically.
-            prev_sample.add_(self._noise(sample, generator), alpha=std)
+            prev_sample.add_(self.noise_like(sample, generator), alpha=std)
         return prev_sample, x0

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from sdekit.parametrization import check_choice
+from sdekit.parametrization import check_choice, compose_model_output
 from sdekit.scheduler import SDEScheduler
 
 from .correctors import CORRECTORS, NORMS, ald_step_size, langevin_alpha, langevin_step_size, langevin_update
@@ -79,9 +77,7 @@ class PCScheduler(SDEScheduler):
             sample never depends on its batch-mates) or ``batch`` (the reference code's batch-averaged norms).
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, sigma_min, sigma_max, sde,
             sde_params, sampling_eps, prediction_type, time_input, clip_sample, clip_sample_range, check_finite:
-            the configuration shared by every sdekit scheduler, with the same defaults (1000, 0.0001, 0.02,
-            ``"linear"``, ``None``, 0.01, 50, ``"vp"``, ``None``, ``None``, ``"epsilon"``, ``None``, False, 1.0,
-            False); see :class:`sdekit.SDEScheduler`.
+            the shared configuration of :class:`sdekit.SDEScheduler`.
     """
 
     @register_to_config
@@ -91,11 +87,11 @@ class PCScheduler(SDEScheduler):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | None = None,
+        trained_betas: list[float] | None = None,
         sigma_min: float = 0.01,
         sigma_max: float = 50.0,
         sde: str = "vp",
-        sde_params: Mapping[str, Any] | None = None,
+        sde_params: dict | None = None,
         sampling_eps: float | None = None,
         prediction_type: str = "epsilon",
         time_input: str | None = None,
@@ -121,7 +117,7 @@ class PCScheduler(SDEScheduler):
                 f"predictor='none' with corrector={corrector!r} and corrector_steps={corrector_steps} evaluates "
                 "nothing; choose a predictor, or a corrector with corrector_steps >= 1."
             )
-        self._setup()
+        self.setup()
         if predictor == "ancestral" and not (self.sde.is_variance_exploding() or self.sde.is_variance_preserving()):
             raise ValueError(
                 f"predictor='ancestral' is SMLD's or DDPM's ancestral sampling, defined for a variance-exploding "
@@ -157,7 +153,7 @@ class PCScheduler(SDEScheduler):
             updates.update(zip(members, group))
         return [updates[i] for i in range(len(times))]
 
-    def _plan(self, times: list[float]) -> list[float]:
+    def plan_evaluations(self, times: list[float]) -> list[float]:
         c = self.config
         corrections = self._num_corrections(c.corrector, c.corrector_steps)
         alphas, sigmas = (v.tolist() for v in self.sde.marginal_coeffs(torch.tensor(times, dtype=torch.float64)))
@@ -183,7 +179,7 @@ class PCScheduler(SDEScheduler):
         self._evaluations = evaluations
         return [e.t for e in evaluations]
 
-    def _step(
+    def update(
         self,
         index: int,
         model_output: torch.Tensor,
@@ -193,14 +189,14 @@ class PCScheduler(SDEScheduler):
         eta: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         e = self._evaluations[index]
-        x0, eps = self._x0_eps(model_output, sample, e.alpha, e.sigma, use_clipped_model_output)
+        x0, eps = self.x0_and_eps(model_output, sample, e.alpha, e.sigma, use_clipped_model_output)
         x = sample.to(eps.dtype)
-        score = -eps / e.sigma
+        score = compose_model_output(x0, eps, e.alpha, e.sigma, "score")
         if e.update is not None:
-            noise = self._noise(sample, generator) if e.add_noise else None
+            noise = self.noise_like(sample, generator) if e.add_noise else None
             return e.update.apply(x, score, noise), x0
         # A corrector draws its noise even when it drops it: the Langevin step size needs ||z||.
-        noise = self._noise(sample, generator)
+        noise = self.noise_like(sample, generator)
         step = e.corrector_step
         if step is None:
             step = langevin_step_size(score, noise, self.config.snr, e.corrector_alpha, self.config.norm)

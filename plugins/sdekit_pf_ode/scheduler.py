@@ -30,7 +30,7 @@ __all__ = ["SOLVERS", "ProbabilityFlowScheduler"]
 
 SOLVERS = ("euler", "heun")
 
-# What each evaluation does (see ProbabilityFlowScheduler._plan).
+# What each evaluation does (see ProbabilityFlowScheduler.plan_evaluations).
 _EULER, _PREDICT, _CORRECT, _DENOISE = "euler", "predict", "correct", "denoise"
 
 
@@ -84,8 +84,7 @@ class ProbabilityFlowScheduler(SDEScheduler):
             at least 2.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, sigma_min, sigma_max, sde,
             sde_params, sampling_eps, prediction_type, time_input, clip_sample, clip_sample_range, check_finite:
-            the shared configuration of :class:`sdekit.SDEScheduler` (defaults 1000, 0.0001, 0.02, ``"linear"``,
-            None, 0.01, 50.0, ``"vp"``, None, None, ``"epsilon"``, None, False, 1.0, False). With
+            the shared configuration of :class:`sdekit.SDEScheduler`. With
             ``clip_sample`` the ODE's derivative comes from the clipped ``x_0``, as in diffusers'
             ``HeunDiscreteScheduler``; ``use_clipped_model_output`` changes nothing further.
     """
@@ -114,7 +113,7 @@ class ProbabilityFlowScheduler(SDEScheduler):
         check_choice("solver", solver, SOLVERS)
         if not isinstance(denoise_final, bool):
             raise ValueError(f"denoise_final must be True or False, got {denoise_final!r}.")
-        self._setup()
+        self.setup()
         _check_linear_drift(self.sde, sde)
         self.order = 2 if solver == "heun" else 1
         self._phases: list[str] = []
@@ -123,7 +122,7 @@ class ProbabilityFlowScheduler(SDEScheduler):
         self._steps: list[tuple[float, float]] = []
         self._start: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _plan(self, times: list[float]) -> list[float]:
+    def plan_evaluations(self, times: list[float]) -> list[float]:
         """Lay out the evaluations for the levels ``times`` and precompute their coefficients."""
         heun = self.config.solver == "heun"
         denoise = self.config.denoise_final
@@ -132,7 +131,7 @@ class ProbabilityFlowScheduler(SDEScheduler):
                 f"num_inference_steps={len(times)} leaves no interval to integrate with denoise_final=False; use "
                 "at least 2 noise levels, or denoise_final=True."
             )
-        coeffs = [self._coeffs(t) for t in times]
+        coeffs = [self.kernel_coeffs(t) for t in times]
         for t, (_, sigma) in zip(times, coeffs):
             if not sigma > 0:
                 raise ValueError(
@@ -163,7 +162,7 @@ class ProbabilityFlowScheduler(SDEScheduler):
         self._start = None
         return eval_times
 
-    def _step(
+    def update(
         self,
         index: int,
         model_output: torch.Tensor,
@@ -174,7 +173,7 @@ class ProbabilityFlowScheduler(SDEScheduler):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         phase = self._phases[index]
         # The derivative dy/ds = eps = (y - x_0) / s follows the (possibly clipped) x_0, as Karras et al. do.
-        x0, eps = self._x0_eps(model_output, sample, self._alphas[index], self._sigmas[index], True)
+        x0, eps = self.x0_and_eps(model_output, sample, self._alphas[index], self._sigmas[index], True)
         if phase == _DENOISE:
             return x0, x0
         a, b = self._steps[index]

@@ -24,16 +24,19 @@ class MixtureScoreModel(torch.nn.Module):
         mixture: the data distribution.
         sde: the forward SDE the data is noised with.
         prediction_type: ``epsilon``, ``v_prediction``, ``sample`` or ``score``; default ``epsilon``.
-        time_input: ``ddpm``, ``sigma`` or ``continuous``; default ``ddpm``.
+        time_input: ``ddpm``, ``sigma`` or ``continuous``; default the SDE's own
+            (:meth:`~sdekit.sde.SDE.default_time_input`: ``ddpm`` for VP and sub-VP, ``sigma`` for VE), as an
+            sdekit scheduler configured for ``sde`` assumes.
     """
 
     def __init__(
-        self, mixture: GaussianMixture, sde: SDE, prediction_type: str = "epsilon", time_input: str = "ddpm"
+        self, mixture: GaussianMixture, sde: SDE, prediction_type: str = "epsilon", time_input: str | None = None
     ) -> None:
         super().__init__()
         self.mixture = mixture
         self.sde = sde
         self.prediction_type = check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        time_input = sde.default_time_input() if time_input is None else time_input
         self.time_input = check_choice("time_input", time_input, TIME_INPUTS)
         self.num_calls = 0
         shape = mixture.event_shape
