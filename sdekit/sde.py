@@ -36,6 +36,7 @@ __all__ = [
     "broadcast_time",
     "compute_dtype",
     "gaussian_log_prob",
+    "linear_coefficients",
     "time_tensor",
 ]
 
@@ -81,6 +82,41 @@ def gaussian_log_prob(z: torch.Tensor, std: float | torch.Tensor) -> torch.Tenso
     dims = math.prod(z.shape[1:])
     sq = z.reshape(z.shape[0], -1).pow(2).sum(dim=1)
     return -0.5 * dims * math.log(2 * math.pi) - dims * torch.log(std) - 0.5 * sq / std**2
+
+
+_PROBE_VALUES = ((1.0, 1.0), (-2.5, 0.75))
+
+
+def linear_coefficients(
+    evaluate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], times: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """``(a, b)`` per time such that ``evaluate(x, t) == (a x, b)``: the coefficients of an SDE function that is
+    linear in ``x`` with an ``x``-independent, isotropic second part, e.g. ``sde.sde`` (``f = a x``, ``g = b``:
+    VE, VP and sub-VP, score-SDE eqs. 9, 11, 17) or ``sde.discretize``.
+
+    ``evaluate`` is called on two probe tensors with one row per time (all times at once, float64).
+
+    Raises:
+        ValueError: the first part is not linear in ``x``, or the second depends on ``x`` or is not isotropic.
+    """
+    t = torch.as_tensor(list(times), dtype=torch.float64)
+    n = t.numel()
+    probes = [torch.tensor(values, dtype=torch.float64).expand(n, 2) for values in _PROBE_VALUES]
+    results = [evaluate(probe, t) for probe in probes]
+    a = results[0][0].to(torch.float64)[:, 0]
+    scales = [torch.broadcast_to(torch.as_tensor(b, dtype=torch.float64), (n, 2)) for _, b in results]
+    b = scales[0][:, 0]
+    linear = all(
+        torch.allclose(first.to(torch.float64), a[:, None] * probe, rtol=1e-6, atol=1e-12)
+        for (first, _), probe in zip(results, probes)
+    )
+    isotropic = all(torch.allclose(scale, b[:, None].expand(n, 2), rtol=1e-9, atol=0.0) for scale in scales)
+    if not (linear and isotropic):
+        raise ValueError(
+            "not of the form (a(t) x, b(t)) with a scalar a and an x-independent, isotropic b (checked on two probe "
+            "tensors)"
+        )
+    return a.tolist(), b.tolist()
 
 
 def _probe_times(sde: SDE) -> torch.Tensor:

@@ -14,11 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sdekit.sde import SDE
+from sdekit.sde import SDE, linear_coefficients
 
 __all__ = ["linear_discretization", "linear_sde"]
-
-_PROBE_VALUES = ((1.0, 1.0), (-2.5, 0.75))
 
 Coefficients = tuple[list[float], list[float]]
 
@@ -29,29 +27,19 @@ def _linear_coefficients(
     times: Sequence[float],
     what: str,
 ) -> Coefficients:
-    """``(a, b)``, one value per time, such that ``evaluate(x, t) == (a x, b)`` on both probes.
+    """``(a, b)``, one value per time, such that ``evaluate(x, t) == (a x, b)``
+    (:func:`sdekit.sde.linear_coefficients`).
 
     Raises ``ValueError`` if the drift is not linear in ``x``, or ``b`` depends on ``x`` or is not isotropic.
     """
-    t = torch.as_tensor(list(times), dtype=torch.float64)
-    n = t.numel()
-    probes = [torch.tensor(values, dtype=torch.float64).expand(n, 2) for values in _PROBE_VALUES]
-    results = [evaluate(probe, t) for probe in probes]
-    a = results[0][0].to(torch.float64)[:, 0]
-    scales = [torch.broadcast_to(torch.as_tensor(b, dtype=torch.float64), (n, 2)) for _, b in results]
-    b = scales[0][:, 0]
-    linear = all(
-        torch.allclose(drift.to(torch.float64), a[:, None] * probe, rtol=1e-6, atol=1e-12)
-        for (drift, _), probe in zip(results, probes)
-    )
-    isotropic = all(torch.allclose(scale, b[:, None].expand(n, 2), rtol=1e-9, atol=0.0) for scale in scales)
-    if not (linear and isotropic):
+    try:
+        return linear_coefficients(evaluate, times)
+    except ValueError as err:
         raise ValueError(
             f"the pc sampler supports SDEs whose drift is linear in x (f(x, t) = a(t) x) and whose diffusion is one "
-            f"number per time, independent of x; {type(sde).__name__}.{what} is not of that form (checked on two "
-            "probe tensors). Use a sampler that calls the SDE directly, e.g. sdekit.sample_reverse_sde."
-        )
-    return a.tolist(), b.tolist()
+            f"number per time, independent of x; {type(sde).__name__}.{what} is {err}. Use a sampler that calls the "
+            "SDE directly, e.g. sdekit.sample_reverse_sde."
+        ) from None
 
 
 def linear_sde(sde: SDE, times: Sequence[float]) -> Coefficients:
