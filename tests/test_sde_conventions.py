@@ -102,3 +102,10 @@ def test_a_score_sde_ve_checkpoint_config_builds_the_ve_sde() -> None:
     pc = sdekit.load_scheduler("pc", ScoreSdeVeScheduler(sigma_min=0.02, sigma_max=30.0).config)
     assert type(pc.sde).__name__ == "VESDE" and (pc.sde.sigma_min, pc.sde.sigma_max) == (0.02, 30.0)
     assert pc.time_input == "sigma" and pc.init_noise_sigma == 30.0
+
+
+def test_a_config_naming_an_sde_that_is_not_installed_lists_the_installed_ones() -> None:
+    with pytest.raises(sdekit.UnknownPluginError, match=r"Unknown SDE plugin 'vpp'. Did you mean 'vp'\?") as err:
+        sdekit.load_scheduler("pc", {"sde": "vpp", "num_train_timesteps": 10})
+    assert {"subvp", "ve", "vp"} <= set(err.value.available)
+    assert f"Available SDE plugins: {', '.join(err.value.available)}." in str(err.value)
