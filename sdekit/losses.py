@@ -118,7 +118,8 @@ class DenoisingLoss:
             )
         if weighting == "likelihood" and kind != "dsm":
             raise ValueError(f"weighting='likelihood' applies to kind='dsm' only, got kind={kind!r}.")
-        self.time_input = sde.default_time_input()
+        # L_simple draws integer table levels, which only DDPM model time feeds as they are.
+        self.time_input = "ddpm" if kind == "ddpm" else sde.default_time_input()
         self.eps = sde.sampling_eps if eps is None else float(eps)
         if not (0.0 <= self.eps < sde.T):
             raise ValueError(f"eps must lie in [0, {sde.T}), got {eps!r}.")

@@ -47,6 +47,7 @@ __all__ = [
     "PluginStatus",
     "PluginWarning",
     "UnknownPluginError",
+    "check_sde_instance",
     "get_sampler_class",
     "get_sde",
     "get_sde_class",
@@ -57,9 +58,10 @@ __all__ = [
     "validate_plugin",
 ]
 
-API_VERSION: int = 1
+API_VERSION: int = 2
 """The plugin API version this sdekit implements; a plugin may declare the one it targets as
-``sdekit_api_version`` on its class."""
+``sdekit_api_version`` on its class. Version 2 added what an SDE declares about itself (:data:`SDE_DECLARATIONS`)
+and made :class:`sdekit.SDEScheduler`'s extension API public (``setup``, ``plan_evaluations``, ``update``, ...)."""
 
 PluginKind = Literal["sde", "sampler"]
 PluginStatus = Literal["ok", "shadowed", "bad-name", "import-error", "protocol-error", "incompatible"]
@@ -544,7 +546,28 @@ def get_sde(name: str, /, **params: Any) -> SDE:
         signature.bind(**params)
     except TypeError as exc:
         raise ValueError(f"{what}: {exc}. Accepted parameters: {', '.join(accepted) or 'none'}.") from None
-    return cls(**params)
+    return check_sde_instance(cls(**params))
+
+
+def check_sde_instance(sde: Any) -> Any:
+    """Return ``sde`` if its declared methods are callable; :func:`get_sde` runs this on every SDE it builds.
+
+    Raises:
+        InvalidPluginError: an instance attribute hides one of the SDE's declared methods (a plugin storing its
+            noise scale as ``self.sigma`` hides ``SDE.sigma(t)``); the message names them.
+    """
+    hidden = [
+        name
+        for name in ("sigma", "t_from_sigma", "prior_std", "default_time_input")
+        if not callable(getattr(sde, name, None))
+    ]
+    if hidden:
+        raise InvalidPluginError(
+            "protocol-error",
+            f"{type(sde).__qualname__} instances set the attribute(s) {', '.join(hidden)}, which hide the SDE "
+            "method(s) of that name (sdekit.sde.SDE); rename the attribute(s)",
+        )
+    return sde
 
 
 def load_scheduler(name: str, /, config: Any = None, **overrides: Any) -> SchedulerMixin:

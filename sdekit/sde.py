@@ -315,6 +315,10 @@ class VPTypeSDE(SDE):
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         """The diffusion coefficient ``g(t)``."""
 
+    def default_time_input(self) -> str:
+        """``ddpm``: a VP-type model takes ``t (N - 1)``, a DDPM checkpoint's integer levels on a table."""
+        return "ddpm"
+
     def alpha_bar(self, t: TimeLike) -> torch.Tensor:
         """``alpha_bar(t)``, the squared mean coefficient (DDPM's cumulative product of ``1 - beta_i``)."""
         return torch.exp(self.log_alpha_bar(time_tensor(t)))

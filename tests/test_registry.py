@@ -202,13 +202,13 @@ def test_invalid_name_is_reported_and_skipped() -> None:
 def test_api_version_mismatch_is_reported_and_skipped() -> None:
     refresh_plugins()
     expected = (
-        f"'future-sde' from distribution '{TEST_DIST}' 0.3.1: FutureSDE declares sdekit_api_version = 2, "
+        f"'future-sde' from distribution '{TEST_DIST}' 0.3.1: FutureSDE declares sdekit_api_version = 3, "
         f"but this sdekit supports API version {API_VERSION}"
     )
     with pytest.warns(PluginWarning, match=expected):
         info = _by_key(list_plugins())["sde", "future-sde", TEST_DIST]
-    assert (info.status, info.api_version) == ("incompatible", 2)
-    with pytest.raises(InvalidPluginError, match="sdekit_api_version = 2") as excinfo:
+    assert (info.status, info.api_version) == ("incompatible", 3)
+    with pytest.raises(InvalidPluginError, match="sdekit_api_version = 3") as excinfo:
         get_sde("future-sde")
     assert excinfo.value.status == "incompatible"
 

@@ -14,6 +14,7 @@ import sdekit
 from sdekit.losses import DenoisingLoss
 from sdekit.ode import model_score_fn
 from sdekit.parametrization import from_model_time, to_model_time
+from sdekit.registry import check_sde_instance
 
 from conftest import tiny_unet
 
@@ -109,3 +110,45 @@ def test_a_config_naming_an_sde_that_is_not_installed_lists_the_installed_ones()
         sdekit.load_scheduler("pc", {"sde": "vpp", "num_train_timesteps": 10})
     assert {"subvp", "ve", "vp"} <= set(err.value.available)
     assert f"Available SDE plugins: {', '.join(err.value.available)}." in str(err.value)
+
+
+def test_a_plugin_vp_type_sde_takes_ddpm_model_time() -> None:
+    class CosineVP(sdekit.VPTypeSDE):
+        """A VP-type SDE written by a plugin author, with the cosine-like rate ``beta(t) = 2 t``."""
+
+        def __init__(self, N: int = 1000, sampling_eps: float = 1e-3) -> None:
+            super().__init__(N=N, sampling_eps=sampling_eps)
+
+        def beta(self, t: torch.Tensor) -> torch.Tensor:
+            return 2 * t
+
+        def log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+            return -(t**2)
+
+        def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt(self.beta(t))
+
+        def marginal_coeffs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.exp(0.5 * self.log_alpha_bar(t)), torch.sqrt(-torch.expm1(self.log_alpha_bar(t)))
+
+        def prior_sampling(self, shape, generator=None, device=None, dtype=torch.float32):  # noqa: ANN001, ANN201
+            return self._standard_normal(shape, generator, device, dtype)
+
+        def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+            return sdekit.sde.gaussian_log_prob(z, 1.0)
+
+    sde = CosineVP()
+    assert sde.default_time_input() == "ddpm" and sde.is_variance_preserving()
+    assert DenoisingLoss(sde, "ddpm").time_input == "ddpm"  # L_simple's integer levels need DDPM time
+
+
+def test_an_sde_whose_attribute_hides_a_declared_method_is_refused() -> None:
+    class Shadowing(type(sdekit.get_sde("ve"))):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sigma = 0.5  # hides SDE.sigma(t)
+
+    with pytest.raises(sdekit.InvalidPluginError, match=r"Shadowing instances set the attribute\(s\) sigma, which"):
+        check_sde_instance(Shadowing())
+    ve = sdekit.get_sde("ve")
+    assert check_sde_instance(ve) is ve

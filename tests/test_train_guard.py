@@ -296,3 +296,84 @@ def test_a_third_party_sampler_trains_and_is_saved(tmp_path: Path, plugins_on_pa
     assert type(pipe.scheduler).__name__ == "EulerFlowScheduler"
     assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
     assert (out / "samples" / "step-1.png").is_file() and (out / "samples.png").is_file()
+
+
+# -- the folder's bookkeeping ------------------------------------------------------------------------------------
+
+
+def _claim(root: Path, **flags: bool) -> RunFolder:
+    names = ["unet", "README.md", "samples", "checkpoint-*", "logs"]
+    options = {"resume": False, "overwrite": False, **flags}
+    return RunFolder.claim(root, written_names=names, replaced_names=["unet", "README.md", "checkpoint-*"], **options)
+
+
+def test_a_user_file_in_a_folder_the_trainer_records_whole_is_never_recorded(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = _claim(out)
+    (out / "logs").mkdir()
+    (out / "logs" / "loss.jsonl").write_text("{}")
+    first.record(out / "logs")
+    (out / "logs" / "my_notes.txt").write_text("mine")  # added by the user between runs
+    again = _claim(out, overwrite=True)  # deletes the earlier run's files, keeps the notes
+    assert not (out / "logs" / "loss.jsonl").exists() and (out / "logs" / "my_notes.txt").read_text() == "mine"
+    (out / "logs" / "events").write_text("tracker")
+    again.record(out / "logs")  # the trainer records its log folder whole: the notes are not its
+    assert "logs/my_notes.txt" not in again.files and "logs/events" in again.files
+    _claim(out, overwrite=True)
+    assert (out / "logs" / "my_notes.txt").read_text() == "mine" and not (out / "logs" / "events").exists()
+
+
+def test_staging_names_are_the_trainers_only_when_they_are_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    folder = _claim(out)
+    (out / ".checkpoint-old.tmp").mkdir()
+    (out / ".checkpoint-old.tmp" / "keep.txt").write_text("mine")
+    (out / ".checkpoint-7.tmp").mkdir()
+    (out / ".checkpoint-7.tmp" / "model.safetensors").write_text("half-written")
+    folder.remove(out / ".checkpoint-7.tmp")  # a kill's leftover: the trainer's, by its name
+    assert not (out / ".checkpoint-7.tmp").exists() and (out / ".checkpoint-old.tmp" / "keep.txt").is_file()
+    assert folder.remove(out / ".checkpoint-old.tmp") == [".checkpoint-old.tmp/keep.txt"]  # not its own: kept
+
+
+def test_another_runs_checkpoint_in_a_resumed_folder_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _claim(out)
+    (out / "checkpoint-20").mkdir()
+    (out / "checkpoint-20" / "training_state.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"would replace files the trainer did not write \(checkpoint-20/"):
+        _claim(out, resume=True)
+
+
+def test_an_absolute_logging_dir_outside_the_folder_works(tmp_path: Path) -> None:
+    out, logs = tmp_path / "out", tmp_path / "elsewhere" / "logs"
+    train.main([*TINY, "--output_dir", str(out), "--logging_dir", str(logs), "--max_train_steps", "2"])
+    assert len((logs / "loss.jsonl").read_text().splitlines()) == 2
+    assert not any(f.startswith(("elsewhere", "..")) for f in json.loads((out / MANIFEST).read_text())["files"])
+
+
+def test_an_interrupt_before_the_folder_is_claimed_gives_back_the_command_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    argv = [*TINY, "--output_dir", str(out), "--max_train_steps", "2", "--overwrite_output_dir"]
+
+    def interrupted_while_loading(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_training_images", interrupted_while_loading)
+    with pytest.raises(train.Interrupted) as caught:
+        train.main(argv)
+    # Not '--resume_from_checkpoint latest' without '--overwrite_output_dir': that would continue the earlier run.
+    assert shlex.split(caught.value.command)[2:] == argv
+
+
+def test_a_second_signal_after_the_first_stops_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train.StopSignals, "REPEAT_SECONDS", 0.0)
+    with train.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.received == signal.SIGINT  # the first one only asks to stop after this step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

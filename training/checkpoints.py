@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_STAGED = re.compile(r"\.checkpoint-\d+\.tmp")
 _STATE_FILE = "training_state.json"
 
 
@@ -63,7 +64,8 @@ def save_checkpoint(
     temporary = root / f".checkpoint-{state.global_step}.tmp"
     if accelerator.is_main_process:
         for stale in root.glob(".checkpoint-*.tmp"):
-            folder.remove(stale)
+            if _STAGED.fullmatch(stale.name):
+                folder.remove(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
@@ -71,8 +73,8 @@ def save_checkpoint(
         (temporary / _STATE_FILE).write_text(json.dumps({**asdict(state), "run_id": folder.run_id}))
         if final.exists():
             folder.remove(final)
+        folder.record_staged(temporary, final)  # recorded before it appears, so a kill leaves nothing unrecorded
         temporary.rename(final)
-        folder.record(final)
         if total_limit is not None:
             ours = [p for p in list_checkpoints(root) if checkpoint_run_id(p) == folder.run_id]
             for old in ours[: max(len(ours) - total_limit, 0)]:

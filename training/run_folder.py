@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,8 +24,13 @@ __all__ = ["MANIFEST", "STAGING_PATTERNS", "OutputFolderError", "RunFolder"]
 MANIFEST = ".sdekit-run.json"
 """The manifest's file name inside the output folder (hidden, so never uploaded to the Hub)."""
 
-STAGING_PATTERNS: tuple[str, ...] = (".checkpoint-*.tmp", ".pipeline-*", f"{MANIFEST}.*.tmp")
-"""Top-level names of the trainer's own staging folders, which are its own whether or not they were recorded."""
+STAGING_PATTERNS: tuple[str, ...] = (
+    r"\.checkpoint-\d+\.tmp",
+    r"\.pipeline-[0-9a-f]+\.(tmp|new|old)",
+    re.escape(MANIFEST) + r"\.\d+\.tmp",
+)
+"""Top-level names (regular expressions) of the trainer's own staging entries, which are its own whether or not
+they were recorded: ``.checkpoint-<step>.tmp``, ``.pipeline-<hex id>.tmp|new|old`` and the manifest's own."""
 
 _LISTED = 5  # how many paths an error message names
 
@@ -48,6 +54,9 @@ class RunFolder:
         self.root = Path(root)
         self.run_id = run_id
         self.files: set[str] = set(files)
+        # Files that were in the folder when it was claimed and that the trainer did not write: never recorded
+        # (so never deleted), even when they sit in a folder the trainer records whole, such as the logs.
+        self.users: set[str] = set()
 
     # -- claiming -----------------------------------------------------------------------------------------
 
@@ -83,6 +92,7 @@ class RunFolder:
             previous = None  # a run stopped before it wrote anything: nothing of it to keep or resume
         if previous is not None and resume:
             previous._refuse_foreign(replaced_names)
+            previous.users = {f for f in previous._files_below(root) if f != MANIFEST and f not in previous.files}
             return previous
         present = sorted(cls._files_below(root)) if root.is_dir() else []
         if previous is not None and not overwrite:
@@ -103,6 +113,7 @@ class RunFolder:
             )
         fresh = cls(root, uuid.uuid4().hex)
         fresh._refuse_foreign(written_names if previous is None else replaced_names, foreign)
+        fresh.users = {f for f in foreign if not fresh._is_staging(f)}
         if previous is not None:
             for name in sorted({f.split("/")[0] for f in previous.files}):
                 previous.remove(name)
@@ -136,7 +147,7 @@ class RunFolder:
 
     def _is_staging(self, relative: str) -> bool:
         top = relative.split("/")[0]
-        return any(fnmatch.fnmatch(top, pattern) for pattern in STAGING_PATTERNS)
+        return any(re.fullmatch(pattern, top) for pattern in STAGING_PATTERNS)
 
     def _refuse_foreign(self, names: Sequence[str], foreign: Sequence[str] | None = None) -> None:
         if foreign is None:
@@ -157,30 +168,51 @@ class RunFolder:
 
     # -- recording and removing ---------------------------------------------------------------------------
 
-    def _relative(self, path: str | os.PathLike[str]) -> str:
+    def _relative(self, path: str | os.PathLike[str]) -> str | None:
+        """``path`` relative to the folder, or ``None`` if it lies outside (an absolute ``--logging_dir``)."""
         path = Path(path)
-        if path.is_relative_to(self.root):
+        if path.is_relative_to(self.root):  # a path into the folder, spelled as the folder is
             path = path.relative_to(self.root)
-        if path.is_absolute() or ".." in path.parts:
-            raise ValueError(f"{path} is outside the output folder {self.root}.")
-        return path.as_posix()
+        elif path.is_absolute():
+            root = Path(os.path.abspath(self.root))
+            path = Path(os.path.abspath(path))
+            if not path.is_relative_to(root):
+                return None
+            path = path.relative_to(root)
+        # else: a name inside the folder, such as "logs"
+        return None if ".." in path.parts else path.as_posix()
 
     def record(self, *paths: str | os.PathLike[str]) -> None:
-        """Record files the trainer has just written: each path (inside the folder) is a file, or a folder whose
-        files all count as written. Saves the manifest."""
+        """Record files the trainer has just written: each path is a file, or a folder whose files count as
+        written, except those that were there, not the trainer's, when the folder was claimed. Paths outside the
+        folder are not its to record. Saves the manifest."""
         for path in paths:
             relative = self._relative(path)
+            if relative is None:
+                continue
             full = self.root / relative
             if full.is_dir():
-                self.files.update(f"{relative}/{f}" for f in self._files_below(full) if not f.endswith("/"))
-            elif full.is_file():
+                found = (f"{relative}/{f}" for f in self._files_below(full) if not f.endswith("/"))
+                self.files.update(f for f in found if f not in self.users)
+            elif full.is_file() and relative not in self.users:
                 self.files.add(relative)
+        self.save()
+
+    def record_staged(self, staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+        """Record the files of the staging folder ``staged`` under the folder ``final`` it is about to be renamed
+        to, so that a kill right after the rename leaves nothing unrecorded. Saves the manifest."""
+        staged_path = Path(staged)
+        relative = self._relative(final)
+        if relative is not None:
+            self.files.update(f"{relative}/{f}" for f in self._files_below(staged_path) if not f.endswith("/"))
         self.save()
 
     def remove(self, path: str | os.PathLike[str]) -> list[str]:
         """Delete the recorded files at or below ``path`` and the folders they leave empty; files the trainer did
         not write stay. Returns those that stayed (relative paths). Saves the manifest."""
         relative = self._relative(path)
+        if relative is None:
+            raise ValueError(f"{path} is outside the output folder {self.root}.")
         full = self.root / relative
         if self._is_staging(relative) and full.is_dir():
             self.files.update(f"{relative}/{f}" for f in self._files_below(full) if not f.endswith("/"))

@@ -276,18 +276,29 @@ class Interrupted(Exception):
 
 class StopSignals:
     """While active, SIGINT and SIGTERM only record that a stop was asked for, so that the training loop can stop
-    at the next step boundary with a complete checkpoint. The handlers in place before are restored on exit."""
+    at the next step boundary with a complete checkpoint. The handlers in place before are restored on exit.
+
+    A signal more than :attr:`REPEAT_SECONDS` after the first one (a second Ctrl-C) stops at once, with
+    ``KeyboardInterrupt``; repeats within that time are the same request delivered twice (``accelerate launch``
+    forwards the terminal's signal to processes that already received it)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_SECONDS = 2.0
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
-            self.received = signum
-            logger.warning("%s received: stopping after this step", signal.Signals(signum).name)
+            self.received, self._first = signum, time.monotonic()
+            logger.warning(
+                "%s received: stopping after this step (signal again to stop at once)", signal.Signals(signum).name
+            )
+        elif time.monotonic() - self._first > self.REPEAT_SECONDS:
+            self.__exit__()
+            raise KeyboardInterrupt
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -300,13 +311,17 @@ class StopSignals:
         self._previous = {}
 
 
-def resume_command(argv: Sequence[str], args: argparse.Namespace) -> str:
+def resume_command(argv: Sequence[str], args: argparse.Namespace, claimed: bool = True) -> str:
     """The command that continues this run: this script with the same flags and ``--resume_from_checkpoint
-    latest``, under ``accelerate launch`` (with its process count) if it was started that way."""
+    latest``, under ``accelerate launch`` (with its process count) if it was started that way. Before the output
+    folder is ``claimed`` nothing of this run exists yet, so the command is the one given (an
+    ``--overwrite_output_dir`` kept, so that an earlier run is not continued instead)."""
     kept: list[str] = []
     drop_next = False
     for arg in argv:
-        if drop_next:
+        if not claimed:
+            kept.append(arg)
+        elif drop_next:
             drop_next = False
         elif arg == "--resume_from_checkpoint":
             drop_next = True
@@ -323,7 +338,8 @@ def resume_command(argv: Sequence[str], args: argparse.Namespace) -> str:
         launcher = ["python"]
     script = Path(__file__)
     shown = os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
-    return shlex.join([*launcher, shown, *kept, "--resume_from_checkpoint", "latest"])
+    resume = ["--resume_from_checkpoint", "latest"] if claimed else []
+    return shlex.join([*launcher, shown, *kept, *resume])
 
 
 REPLACED_NAMES: tuple[str, ...] = (*PIPELINE_ENTRIES, "README.md", "samples.png")
@@ -442,11 +458,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         # accelerate would silently train in float32: say so instead.
         raise UsageError("--mixed_precision fp16 needs a GPU (on the CPU accelerate ignores it); use bf16 or no.")
 
-    command = resume_command(argv, args)
+    claimed: list[RunFolder] = []  # filled once --output_dir is claimed
     try:
-        return _train(args, accelerator, command)
+        return _train(args, accelerator, resume_command(argv, args), claimed)
     except KeyboardInterrupt:  # outside the training loop, where a stop cannot wait for a step boundary
-        raise Interrupted(None, None, command) from None
+        raise Interrupted(None, None, resume_command(argv, args, claimed=bool(claimed))) from None
 
 
 def claim_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> RunFolder:
@@ -460,7 +476,7 @@ def claim_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> RunF
                 resume=args.resume_from_checkpoint is not None,
                 overwrite=args.overwrite_output_dir,
                 written_names=written_names(args),
-                replaced_names=REPLACED_NAMES,
+                replaced_names=(*REPLACED_NAMES, "checkpoint-*"),
             )
         except OutputFolderError as err:
             problem = str(err)
@@ -470,7 +486,7 @@ def claim_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> RunF
     return folder if folder is not None else RunFolder(Path(args.output_dir), run_id)
 
 
-def _train(args: argparse.Namespace, accelerator: Accelerator, command: str) -> Path:
+def _train(args: argparse.Namespace, accelerator: Accelerator, command: str, claimed: list[RunFolder]) -> Path:
     output_dir = Path(args.output_dir)
     if args.push_to_hub:
         check_hub_repo(accelerator, args)
@@ -500,6 +516,7 @@ def _train(args: argparse.Namespace, accelerator: Accelerator, command: str) -> 
     except ValueError as err:  # an unknown SDE or sampler (with the closest name), a bad parameter
         raise UsageError(str(err)) from err
     folder = claim_output_dir(accelerator, args)  # everything checked: from here on the run writes
+    claimed.append(folder)
     set_seed(args.seed)  # the model's initial weights
     unet = build_unet(args, channels, objective.time_input)
     ema = None
@@ -546,6 +563,7 @@ def _train(args: argparse.Namespace, accelerator: Accelerator, command: str) -> 
         # Steps after the checkpoint were logged by the interrupted run; tensorboard hides them from here on.
         purge = {"tensorboard": {"purge_step": state.global_step + 1}} if args.report_to == "tensorboard" else {}
         accelerator.init_trackers("sdekit-train", config={k: str(v) for k, v in vars(args).items()}, init_kwargs=purge)
+        record_logs(folder, args)  # the tracker's files, at once: a run killed before its first step leaves them
     loss_log = LossLog(output_dir / args.logging_dir / "loss.jsonl", folder if accelerator.is_main_process else None)
     loss_log.truncate(state.global_step)
 

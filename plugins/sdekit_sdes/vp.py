@@ -93,10 +93,6 @@ class _VPFamily(VPTypeSDE):
         ``beta_schedule``, ``trained_betas``): the SDE of a diffusers DDPM checkpoint."""
         return {key: config[key] for key in cls._TABLE_KEYS if key in config}
 
-    def default_time_input(self) -> str:
-        """``ddpm``: the model takes ``t (N - 1)``, a DDPM checkpoint's integer levels on a table."""
-        return "ddpm"
-
     def prior_std(self) -> float:
         """1: the prior is ``N(0, I)``."""
         return 1.0

@@ -20,7 +20,7 @@ class ConstantVESDE(SDE):
         sampling_eps: smallest sampling time, default 1e-3.
     """
 
-    sdekit_api_version = 1
+    sdekit_api_version = 2
 
     def __init__(self, sigma: float = 1.0, N: int = 100, sampling_eps: float = 1e-3) -> None:
         super().__init__(N=N, sampling_eps=sampling_eps)
@@ -52,7 +52,7 @@ class ConstantVESDE(SDE):
 class FutureSDE(ConstantVESDE):
     """Targets an sdekit plugin API this sdekit does not implement."""
 
-    sdekit_api_version = 2
+    sdekit_api_version = 3
 
 
 class ShadowVPSDE(ConstantVESDE):
