@@ -19,14 +19,14 @@ solve, and model calls of batch size 1, per sample.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .models import model_prediction
-from .ode import ADAPTIVE_METHODS
+from .ode import check_solver_options, ode_scheduler
 from .parametrization import check_choice, model_output_to, to_model_time
 from .sde import SDE, compute_dtype
 
@@ -58,20 +58,6 @@ class LikelihoodResult:
     bpd: torch.Tensor
     nfe: torch.Tensor
     z: torch.Tensor
-
-
-def _resolve_scheduler(scheduler: Any) -> Any:
-    """An sdekit scheduler, or the ``pf-ode`` scheduler built from a configuration mapping."""
-    if hasattr(scheduler, "sde") and hasattr(scheduler, "time_input") and hasattr(scheduler, "config"):
-        return scheduler
-    if isinstance(scheduler, Mapping):
-        from .registry import load_scheduler
-
-        return load_scheduler("pf-ode", scheduler)
-    raise TypeError(
-        "scheduler must be an sdekit scheduler (with .sde, .time_input and .config) or a configuration mapping one "
-        f"accepts; got {type(scheduler).__name__}."
-    )
 
 
 def _check_probability_flow(sde: SDE, like: torch.Tensor) -> None:
@@ -196,13 +182,10 @@ def likelihood(
     """
     check_choice("trace", trace, TRACE_METHODS)
     check_choice("noise", noise, PROBE_NOISES)
-    check_choice("method", method, ADAPTIVE_METHODS)
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
-            raise ValueError(f"{name} must be a number > 0, got {tol!r}.")
+    check_solver_options(rtol, atol, method)
     if not torch.is_tensor(x) or x.ndim < 2 or x.shape[0] < 1:
         raise ValueError("x must be a tensor of shape (B, ...) with at least one sample and one value per sample.")
-    scheduler = _resolve_scheduler(scheduler)
+    scheduler = ode_scheduler(scheduler)
     sde: SDE = scheduler.sde
     prediction_type: str = scheduler.config.prediction_type
     time_input: str = scheduler.time_input

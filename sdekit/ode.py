@@ -9,8 +9,9 @@ diffusers scheduler; the fixed-step solvers of the same ODE are the ``pf-ode`` s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,7 +23,32 @@ from .sde import SDE, ScoreFn, TimeLike, compute_dtype
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 """The adaptive solvers of torchdiffeq that :func:`sample_ode` accepts."""
 
-__all__ = ["ADAPTIVE_METHODS", "ODEResult", "model_score_fn", "sample_ode"]
+__all__ = ["ADAPTIVE_METHODS", "ODEResult", "check_solver_options", "model_score_fn", "ode_scheduler", "sample_ode"]
+
+
+def check_solver_options(rtol: float, atol: float, method: str) -> None:
+    """Raise ``ValueError`` unless ``rtol`` and ``atol`` are numbers > 0 and ``method`` is one of
+    :data:`ADAPTIVE_METHODS` (the options of every adaptive probability-flow solve in sdekit)."""
+    check_choice("method", method, ADAPTIVE_METHODS)
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
+            raise ValueError(f"{name} must be a number > 0, got {tol!r}.")
+
+
+def ode_scheduler(scheduler: Any) -> Any:
+    """``scheduler`` if it is an sdekit scheduler (with ``.sde``, ``.time_input`` and ``.config``), else the
+    ``pf-ode`` scheduler built from the configuration mapping given: what the likelihood and the encoder read the
+    SDE, the prediction type and the model time from."""
+    if hasattr(scheduler, "sde") and hasattr(scheduler, "time_input") and hasattr(scheduler, "config"):
+        return scheduler
+    if isinstance(scheduler, Mapping):
+        from .registry import load_scheduler
+
+        return load_scheduler("pf-ode", scheduler)
+    raise TypeError(
+        "scheduler must be an sdekit scheduler (with .sde, .time_input and .config) or a configuration mapping one "
+        f"accepts; got {type(scheduler).__name__}."
+    )
 
 
 @dataclass
@@ -117,10 +143,7 @@ def sample_ode(
         raise ValueError("prediction_type and time_input describe a model; score_fn already returns the score.")
     if (shape is None) == (x_T is None):
         raise ValueError("give exactly one of shape (to draw x_T from the prior) and x_T.")
-    check_choice("method", method, ADAPTIVE_METHODS)
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
-            raise ValueError(f"{name} must be a number > 0, got {tol!r}.")
+    check_solver_options(rtol, atol, method)
     if model is not None:
         score_fn = model_score_fn(model, sde, prediction_type or "epsilon", time_input)
     # Imported here: torchdiffeq pulls in scipy, which would slow down `import sdekit` for everyone.
