@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite's tensors are tiny: one thread avoids thread start-up costs that dominate them on 2 cores.
 torch.set_num_threads(1)
 
+from sdekit import testing  # noqa: E402
 from sdekit.registry import refresh_plugins  # noqa: E402
 from sdekit.testing import GaussianMixture  # noqa: E402
 from sdekit_sdes import VESDE, VPSDE, SubVPSDE  # noqa: E402
@@ -67,18 +68,9 @@ def float64_table(scheduler: DDIMScheduler | DDPMScheduler) -> DDIMScheduler | D
 
 
 def tiny_unet(channels: int = 3, seed: int = 0, sample_size: int = 8) -> UNet2DModel:
-    """A two-level ``UNet2DModel`` of 8 and 16 channels, seeded, in eval mode: a real network that costs nothing."""
+    """:func:`sdekit.testing.tiny_unet`, seeded (the seed also stays set on torch's global generator)."""
     torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    return testing.tiny_unet(channels, sample_size)
 
 
 TINY_TRAINING = [

@@ -6,7 +6,7 @@ gives the mixture back. :func:`check_scheduler` (the conformance kit, :mod:`sdek
 a scheduler against diffusers' scheduler contract and sdekit's.
 """
 
-from .conformance import ConformanceReport, check_scheduler
+from .conformance import ConformanceReport, check_scheduler, tiny_unet
 from .metrics import (
     frechet_distance,
     gaussian_frechet_distance,
@@ -29,4 +29,5 @@ __all__ = [
     "mixture_frechet_floor",
     "score_oracle",
     "sliced_wasserstein",
+    "tiny_unet",
 ]

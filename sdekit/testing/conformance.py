@@ -122,7 +122,7 @@ from .metrics import gaussian_frechet_distance
 from .mixture import GaussianMixture
 from .oracle import MixtureScoreModel
 
-__all__ = ["CLAUSES", "ConformanceReport", "NoHostSync", "check_scheduler"]
+__all__ = ["CLAUSES", "ConformanceReport", "NoHostSync", "check_scheduler", "tiny_unet"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -246,11 +246,13 @@ class _Subject:
         return x
 
 
-def _tiny_unet(channels: int = 3) -> Any:
+def tiny_unet(channels: int = 3, sample_size: int = 8) -> Any:
+    """A two-level ``UNet2DModel`` of 8 and 16 channels in eval mode, initialised from torch's global generator:
+    a real network that costs nothing, for scheduler and pipeline tests."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
         block_out_channels=(8, 16),
@@ -259,6 +261,13 @@ def _tiny_unet(channels: int = 3) -> Any:
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     ).eval()
+
+
+def _first_step_input(s: _Subject, scheduler: Any) -> tuple[torch.Generator, torch.Tensor, Any]:
+    """Plan 4 steps and return a seeded generator, a sample in ``[0, 1)`` and the first timestep."""
+    scheduler.set_timesteps(4)
+    gen = torch.Generator().manual_seed(0)
+    return gen, torch.rand(s.batch_shape, generator=gen), scheduler.timesteps[0]
 
 
 def _tiny_vqvae() -> Any:
@@ -363,10 +372,7 @@ def _config_round_trip(s: _Subject) -> None:
     # The reloaded scheduler steps exactly as the original does.
     outputs = []
     for each in (scheduler, loaded):
-        each.set_timesteps(4)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.rand(s.batch_shape, generator=gen)
-        t = each.timesteps[0]
+        gen, x, t = _first_step_input(s, each)
         outputs.append(s.step(each, 0.1 * x, t, x, gen).prev_sample)
     _check(
         torch.equal(outputs[0], outputs[1]),
@@ -477,10 +483,7 @@ def _step(s: _Subject) -> None:
     scheduler = s.build()
     results = []
     for return_dict in (True, False):
-        scheduler.set_timesteps(4)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.rand(s.batch_shape, generator=gen)
-        t = scheduler.timesteps[0]
+        gen, x, t = _first_step_input(s, scheduler)
         results.append((x, s.step(scheduler, s.model_for(scheduler)(x, t), t, x, gen, return_dict=return_dict)))
     (x, as_dict), (_, as_tuple) = results
     _check(hasattr(as_dict, "prev_sample"), f"step() returned {type(as_dict).__name__}, which has no prev_sample")
@@ -765,7 +768,7 @@ def _pipelines(s: _Subject) -> str | None:
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, LDMPipeline
 
     with _seeded(0):
-        unet, vqvae = _tiny_unet(), _tiny_vqvae()
+        unet, vqvae = tiny_unet(), _tiny_vqvae()
     step = s.cls.step
     left_out = []
     if _accepts(step, "generator"):
@@ -790,7 +793,7 @@ def _pipeline_save_load(s: _Subject) -> None:
     from diffusers import DDPMPipeline, DiffusionPipeline
 
     with _seeded(0):
-        unet = _tiny_unet()
+        unet = tiny_unet()
     scheduler = s.build()
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     with tempfile.TemporaryDirectory() as folder:
