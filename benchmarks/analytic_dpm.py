@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from sdekit.likelihood import nll_bound
+from sdekit.bound import nll_bound
 from sdekit.testing import GaussianMixture, epsilon_oracle, frechet_distance
 from sdekit_analytic_dpm import AnalyticDPMScheduler
 

@@ -6,7 +6,9 @@ SDEs and samplers are plugins (entry-point groups ``sdekit.sdes`` and ``sdekit.s
 
 from diffusers import SchedulerMixin
 
-from .likelihood import GaussianReverseProcess, GaussianStep, nll_bound
+from .bound import GaussianReverseProcess, GaussianStep, nll_bound
+from .encoding import decode, encode, slerp
+from .flow_likelihood import LikelihoodResult, likelihood
 from .ode import ODEResult, sample_ode
 from .registry import (
     API_VERSION,
@@ -49,6 +51,7 @@ __all__ = [
     "GaussianReverseProcess",
     "GaussianStep",
     "InvalidPluginError",
+    "LikelihoodResult",
     "ODEResult",
     "PluginError",
     "PluginInfo",
@@ -61,9 +64,12 @@ __all__ = [
     "UnknownPluginError",
     "VPTypeSDE",
     "__version__",
+    "decode",
+    "encode",
     "get_sampler_class",
     "get_sde",
     "get_sde_class",
+    "likelihood",
     "list_plugins",
     "load_scheduler",
     "nll_bound",
@@ -72,5 +78,6 @@ __all__ = [
     "sample_ode",
     "sample_reverse_sde",
     "sde_from_config",
+    "slerp",
     "validate_plugin",
 ]

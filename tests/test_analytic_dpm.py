@@ -22,7 +22,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdekit
-from sdekit.likelihood import nll_bound
+from sdekit.bound import nll_bound
 from sdekit.testing import GaussianMixture, epsilon_oracle, frechet_distance
 from sdekit_analytic_dpm import VARIANCES, AnalyticDPMScheduler
 from sdekit_analytic_dpm.gamma import estimate_gamma_levels

@@ -39,7 +39,7 @@ from typing import Union
 
 import torch
 
-from sdekit.likelihood import GaussianStep
+from sdekit.bound import GaussianStep
 
 __all__ = [
     "VARIANCES",
@@ -233,7 +233,7 @@ def to_gaussian_steps(
     max_covariance: float | None,
     gamma: Sequence[float] | None = None,
 ) -> list[GaussianStep]:
-    """The reverse kernels of planned ``steps`` as :class:`sdekit.likelihood.GaussianStep`, the decoder last.
+    """The reverse kernels of planned ``steps`` as :class:`sdekit.bound.GaussianStep`, the decoder last.
 
     Args:
         steps: from :func:`plan_steps`.

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from sdekit.likelihood import GaussianStep
+from sdekit.bound import GaussianStep
 from sdekit.parametrization import check_choice, from_model_time, level_to_time, time_to_level
 from sdekit.scheduler import SDEScheduler
 from sdekit.sde import VPTypeSDE
@@ -397,7 +397,7 @@ class AnalyticDPMScheduler(SDEScheduler):
     def gaussian_steps(self, variance: str | None = None, eta: float | None = None) -> list[GaussianStep]:
         """The reverse kernels of the trajectory of the last ``set_timesteps()``, for :func:`sdekit.nll_bound`.
 
-        One :class:`sdekit.likelihood.GaussianStep` per model call, the decoder (from the first level onto the
+        One :class:`sdekit.bound.GaussianStep` per model call, the decoder (from the first level onto the
         data) last. The decoder's variance: ``analytic``, Theorem 1 for that step (``lambda = 0``), i.e.
         ``Cov_{tau_1}`` clipped by Theorem 2; ``beta``, ``bbar_{tau_1}`` (DDPM's ``sigma_1^2 = beta_1``);
         ``beta_tilde``, the full chain's ``beta_tilde`` of the step from level ``tau_1 + 1`` to ``tau_1`` (DDPM's

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from sdekit.likelihood import (
+from sdekit.bound import (
     GaussianReverseProcess,
     GaussianStep,
     discretized_gaussian_log_likelihood,
