@@ -7,10 +7,10 @@ down, so ``decode(encode(x))`` returns ``x`` up to the solver's error.
 
 Two solvers:
 
-* adaptive (``num_inference_steps=None``, the default): a torchdiffeq Runge-Kutta solver (``dopri5``) with
-  tolerances ``rtol`` / ``atol``. The whole batch is one ODE state and the error control measures it with one
-  norm, so the step sizes, and within the tolerances the latents, depend on the batch's composition (slightly:
-  changes are of the order of the tolerances). Encode each sample alone if bit-for-bit batch independence matters.
+* adaptive (``num_inference_steps=None``, the default): an adaptive Runge-Kutta solver (``dopri5``) with
+  tolerances ``rtol`` / ``atol`` on the ODE in the scaled variables ``y = x / alpha``, ``s = sigma / alpha``
+  (:mod:`sdekit.scaled_flow`), with per-sample error control (:mod:`sdekit.batched_ode`): a sample's latent does
+  not depend on the rest of the batch.
 * fixed steps (``num_inference_steps=K``): ``K`` first-order steps on ``K + 1`` times evenly spaced in ``t``
   between ``sampling_eps`` and ``T`` (:func:`sdekit.sampling.time_grid`). Each step from ``t`` to ``s`` splits the
   model output at ``(x_t, t)`` into ``(x0_hat, eps_hat)`` (:func:`sdekit.parametrization.split_model_output`) and
@@ -34,10 +34,12 @@ from typing import Any
 
 import torch
 
-from .models import model_prediction
-from .ode import check_solver_options, ode_scheduler
-from .parametrization import model_output_to, split_model_output, to_model_time
+from .batched_ode import solve
+from .models import model_device_dtype
+from .ode import check_solver_options, model_output_fn, ode_scheduler
+from .parametrization import split_model_output
 from .sampling import time_grid
+from .scaled_flow import ScaledFlow
 from .sde import SDE, compute_dtype
 
 __all__ = ["decode", "encode", "slerp"]
@@ -75,13 +77,10 @@ def _transport(
     scheduler = ode_scheduler(scheduler)
     sde: SDE = scheduler.sde
     prediction_type: str = scheduler.config.prediction_type
-    time_input: str = scheduler.time_input
     out_dtype = x.dtype
-    x = x.to(compute_dtype(x.dtype))
-
-    def predict(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model output at ``(xs, t)``, ``t`` one float64-or-compute-dtype value per sample."""
-        return model_prediction(model, xs, to_model_time(sde, t, time_input), expect_shape=True)
+    device, _ = model_device_dtype(model, x)
+    x = x.to(device=device, dtype=compute_dtype(x.dtype))
+    predict = model_output_fn(model, scheduler, x)
 
     if num_inference_steps is None:
         z = _adaptive(sde, predict, prediction_type, x, upward, rtol, atol, method, what)
@@ -93,39 +92,17 @@ def _transport(
 
 
 def _adaptive(sde, predict, prediction_type, x, upward, rtol, atol, method, what) -> torch.Tensor:  # noqa: ANN001
-    def score_fn(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model_output_to(sde, predict(xs, t), xs, t, prediction_type, "score")
+    flow = ScaledFlow(sde, predict, prediction_type, what)
 
-    flow = sde.reverse(score_fn, probability_flow=True)  # drift f - g^2 score / 2: eq. 13
+    def rhs(s: torch.Tensor, state: tuple[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor]:
+        return (flow.velocity(state[0], s),)
 
-    def drift(t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        # The solver's initial step-size probe may look past the end of the span; keep the model inside.
-        t = t.clamp(sde.sampling_eps, sde.T).to(state.dtype)
-        try:
-            velocity = flow.sde(state, t.expand(state.shape[0]))[0]
-        except NotImplementedError as error:
-            raise ValueError(
-                f"{type(sde).__name__} does not define its drift and diffusion (sde.sde), so it has no "
-                f"probability-flow ODE for {what} to integrate."
-            ) from error
-        # The solver syncs with the host at every step anyway; without this a NaN would make it shrink the step
-        # until it fails with an unrelated message.
-        if not bool(torch.isfinite(velocity).all()):
-            raise FloatingPointError(
-                f"{what}: the probability-flow drift holds NaN or Inf at t={float(t):.6g} (integrating from "
-                f"{sde.sampling_eps if upward else sde.T:g} to {sde.T if upward else sde.sampling_eps:g}); check "
-                "the model's outputs (prediction_type, time_input)."
-            )
-        return velocity
-
-    # Imported here: torchdiffeq pulls in scipy, which would slow down `import sdekit` for everyone.
-    from torchdiffeq import odeint
-
-    ends = [sde.sampling_eps, sde.T] if upward else [sde.T, sde.sampling_eps]
-    span = torch.tensor(ends, dtype=torch.float64, device=x.device)
-    # step_t: the last step ends exactly at the end of the span instead of stepping past it and interpolating.
-    with torch.no_grad():
-        return odeint(drift, x, span, rtol=rtol, atol=atol, method=method, options={"step_t": span[1:]})[-1]
+    if upward:
+        ends, scale_in, scale_out = (flow.s_start, flow.s_end), flow.alpha_start, flow.alpha_end
+    else:
+        ends, scale_in, scale_out = (flow.s_end, flow.s_start), flow.alpha_end, flow.alpha_start
+    y = solve(rhs, (x / scale_in,), *ends, rtol=rtol, atol=atol, method=method, what=what, clock=flow.time).state[0]
+    return scale_out * y
 
 
 def _fixed(sde, predict, prediction_type, x, upward, steps, what) -> torch.Tensor:  # noqa: ANN001
@@ -169,10 +146,10 @@ def encode(
         scheduler: an sdekit scheduler, or a configuration mapping (built as ``load_scheduler("pf-ode", config)``);
             its SDE, ``prediction_type`` and model time input are used. Its ``clip_sample`` is not applied.
         rtol, atol: the adaptive solver's tolerances (default 1e-5 each); unused with ``num_inference_steps``.
-        method: a torchdiffeq adaptive solver (:data:`sdekit.ode.ADAPTIVE_METHODS`), default ``dopri5``.
-        num_inference_steps: ``None`` (default) for the adaptive solve; an int ``K`` for ``K`` fixed first-order
-            steps (DDIM inversion for VP-type SDEs; see the module docstring). The batch is one ODE state for the
-            adaptive solver, so a sample's latent varies within the tolerances with the rest of the batch.
+        method: an adaptive solver of :data:`sdekit.ode.ADAPTIVE_METHODS`, default ``dopri5`` (see
+            :mod:`sdekit.batched_ode`).
+        num_inference_steps: ``None`` (default) for the adaptive solve (each sample with its own step sizes); an
+            int ``K`` for ``K`` fixed first-order steps (DDIM inversion for VP-type SDEs; see the module docstring).
 
     Returns:
         The latents, shape and dtype of ``x``.

@@ -6,14 +6,15 @@ deterministically, so by the instantaneous change of variables (eq. 39)
 
     log p_eps(x(eps)) = log p_T(x(T)) + int_eps^T div_x f~(x(t), t) dt.
 
-:func:`likelihood` integrates ``x`` and the divergence integral jointly from the data end ``sampling_eps`` to
-``T`` with an adaptive torchdiffeq solver and adds the prior term ``sde.prior_logp(x(T))``.
+:func:`likelihood` integrates the state and the divergence integral jointly from the data end ``sampling_eps`` to
+``T`` in the scaled variables of :mod:`sdekit.scaled_flow` (``y = x / alpha``, ``s = sigma / alpha``), with an
+adaptive Runge-Kutta solver that gives every sample its own step sizes (:mod:`sdekit.batched_ode`), and adds the
+prior term ``sde.prior_logp(x(T))``.
 
-Per-sample error control: torchdiffeq measures the error of the whole state with one norm and takes one step size
-for it, so a batched state would couple the samples (a hard sample would shrink everyone's steps and change their
-results within the tolerances). Here every sample is integrated as its own ODE, with its own step sizes; a
-sample's result is therefore the same (bit for bit on the same device) alone and in any batch. The cost is one
-solve, and model calls of batch size 1, per sample.
+Per-sample error control: one error norm and one step size for a batched state (torchdiffeq's ``odeint``) would
+couple the samples (a hard sample would shrink everyone's steps and change their results within the tolerances).
+Here a sample's result is the same (bit for bit on the same device) alone and in any batch, while each stage of
+the solver still calls the model once for all samples that are still running.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import Any
 
 import torch
 
-from .models import model_prediction
-from .ode import check_solver_options, ode_scheduler
-from .parametrization import check_choice, model_output_to, to_model_time
+from .batched_ode import solve
+from .models import model_device_dtype
+from .ode import check_solver_options, model_output_fn, ode_scheduler
+from .parametrization import check_choice
+from .scaled_flow import ScaledFlow
 from .sde import SDE, compute_dtype
 
 TRACE_METHODS = ("exact", "hutchinson")
@@ -58,25 +61,6 @@ class LikelihoodResult:
     bpd: torch.Tensor
     nfe: torch.Tensor
     z: torch.Tensor
-
-
-def _check_probability_flow(sde: SDE, like: torch.Tensor) -> None:
-    """Raise ValueError if ``sde`` has no probability-flow ODE in the form of eq. 13 (``g`` independent of ``x``)."""
-    t = torch.full((1,), 0.5 * (sde.sampling_eps + sde.T), dtype=like.dtype, device=like.device)
-    probe = torch.zeros_like(like[:1])
-    try:
-        _, g0 = sde.sde(probe, t)
-        _, g1 = sde.sde(probe + 1.0, t)
-    except NotImplementedError as error:
-        raise ValueError(
-            f"{type(sde).__name__} does not define its drift and diffusion (sde.sde), so it has no probability-flow "
-            "ODE to compute a likelihood with."
-        ) from error
-    if not torch.equal(torch.as_tensor(g0).expand_as(probe), torch.as_tensor(g1).expand_as(probe)):
-        raise ValueError(
-            f"{type(sde).__name__}'s diffusion depends on x; likelihood() needs the probability-flow ODE of score-SDE "
-            "eq. 13 with a state-independent g(t)."
-        )
 
 
 def _draw(
@@ -141,10 +125,11 @@ def likelihood(
 ) -> LikelihoodResult:
     """Negative log-likelihood and bits/dim of ``x`` under the probability-flow ODE of ``model``.
 
-    Integrates ``x`` together with ``delta(t) = int_eps^t div f~`` from ``sampling_eps`` to ``T`` (score-SDE
-    eqs. 13 and 39) and returns ``nll = -(log p_T(x(T)) + delta(T))`` with ``log p_T`` the SDE's ``prior_logp``.
-    This is ``-log p_eps(x)``: the density of the model's marginal at ``sampling_eps`` (which is > 0 for
-    continuous SDEs, and level 0 of a DDPM table), evaluated at the data.
+    Integrates ``x`` together with the divergence integral from ``sampling_eps`` to ``T`` (score-SDE eqs. 13 and
+    39, in the scaled variables of :mod:`sdekit.scaled_flow`) and returns ``nll = -(log p_T(x(T)) + D log(alpha_T /
+    alpha_eps) + delta)`` with ``log p_T`` the SDE's ``prior_logp``. This is ``-log p_eps(x)``: the density of the
+    model's marginal at ``sampling_eps`` (which is > 0 for continuous SDEs, and level 0 of a DDPM table), evaluated
+    at the data.
 
     Each sample is integrated as its own ODE with its own adaptive step sizes (per-sample error control), so its
     result does not depend on the rest of the batch; see the module docstring.
@@ -152,16 +137,19 @@ def likelihood(
     Args:
         model: called as ``model(x, timestep)`` through :func:`sdekit.models.model_prediction`; it must predict one
             value per input element and be differentiable in ``x``.
-        x: data, batch first, any shape ``(B, ...)``; integrated in its compute dtype (float32 for half types).
+        x: data, batch first, any shape ``(B, ...)``; moved to the model's device and integrated in its compute
+            dtype (float32 for half types); the model gets it in its own dtype.
         scheduler: an sdekit scheduler, or a configuration mapping one accepts (built as ``load_scheduler("pf-ode",
             config)``); its SDE, ``prediction_type``, model time input and ``sampling_eps`` are used.
-        trace: ``hutchinson`` (default): the Skilling-Hutchinson estimate ``v^T (d f~ / dx) v`` with one probe ``v``
+        trace: ``hutchinson`` (default): the Skilling-Hutchinson estimate ``v^T J v`` of the velocity's Jacobian
+            trace with one probe ``v``
             per sample drawn once per solve, one vector-Jacobian product per evaluation (unbiased for the
             divergence, hence for ``log p``; not for ``p``); ``exact``: the full Jacobian trace, ``D``
             vector-Jacobian products per evaluation (small ``D`` and tests).
         noise: the probe distribution, ``rademacher`` (default) or ``gaussian``.
-        rtol, atol: the solver's tolerances on each sample's state ``(x, delta)``; default 1e-5 each.
-        method: a torchdiffeq adaptive solver (:data:`sdekit.ode.ADAPTIVE_METHODS`), default ``dopri5``.
+        rtol, atol: the solver's tolerances on each sample's state ``(x / alpha, delta)``; default 1e-5 each.
+        method: an adaptive solver of :data:`sdekit.ode.ADAPTIVE_METHODS`, default ``dopri5`` (batched with
+            per-sample step sizes; see :mod:`sdekit.batched_ode`).
         dequantize: ``None``/``False`` (default): continuous data, ``bpd = nll / (D ln 2)``. ``True``: 8-bit data in
             ``data_range = (lo, hi)``, dequantized as score-SDE reports bits/dim: with levels
             ``k = round(255 (x - lo) / (hi - lo))`` and ``u ~ U[0, 1)^D``, ``y = lo + (hi - lo) (k + u) / 256`` and
@@ -178,7 +166,8 @@ def likelihood(
     Raises:
         ValueError: a bad option; data outside ``data_range`` with ``dequantize=True``; an SDE without a
             probability-flow ODE; a model whose output shape differs from its input's.
-        FloatingPointError: the ODE's right-hand side held NaN or Inf (the message names the time reached).
+        FloatingPointError: the ODE's right-hand side held NaN or Inf (the message names the sample and the time
+            reached).
     """
     check_choice("trace", trace, TRACE_METHODS)
     check_choice("noise", noise, PROBE_NOISES)
@@ -188,77 +177,52 @@ def likelihood(
     scheduler = ode_scheduler(scheduler)
     sde: SDE = scheduler.sde
     prediction_type: str = scheduler.config.prediction_type
-    time_input: str = scheduler.time_input
 
-    x = x.to(compute_dtype(x.dtype))
+    device, _ = model_device_dtype(model, x)
+    x = x.to(device=device, dtype=compute_dtype(x.dtype))
     dims = math.prod(x.shape[1:])
     offset = 0.0
     if dequantize:
         x, offset = _dequantize(x, data_range, generator)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x holds NaN or Inf.")
-    _check_probability_flow(sde, x)
     probes = _draw(noise, x.shape, generator, x.device, x.dtype) if trace == "hutchinson" else None
+    flow = ScaledFlow(sde, model_output_fn(model, scheduler, x), prediction_type, "likelihood")
 
-    def score_fn(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        output = model_prediction(model, xs, to_model_time(sde, t, time_input), expect_shape=True)
-        return model_output_to(sde, output, xs, t, prediction_type, "score")
-
-    flow = sde.reverse(score_fn, probability_flow=True)  # drift f - g^2 score / 2: eq. 13
-    # Imported here: torchdiffeq pulls in scipy, which would slow down `import sdekit` for everyone.
-    from torchdiffeq import odeint
-
-    span = torch.tensor([sde.sampling_eps, sde.T], dtype=torch.float64, device=x.device)
-    # step_t: the last step ends exactly at T instead of stepping past it and interpolating.
-    options = {"step_t": span[1:]}
-    nll, nfes, latents = [], [], []
-    for i in range(x.shape[0]):
-        probe = probes[i : i + 1] if probes is not None else None
-        nfe = 0
-
-        def rhs(t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            nonlocal nfe
-            nfe += 1
-            # The initial step-size probe may look past T; keep the model inside [sampling_eps, T].
-            t = t.clamp(sde.sampling_eps, sde.T)
-            tb = t.to(state[0].dtype).expand(1)
-            with torch.enable_grad():
-                xs = state[0].detach().requires_grad_(True)
-                velocity = flow.sde(xs, tb)[0]
-                if probe is not None:
-                    # Skilling-Hutchinson: E_v[v^T J v] = tr J with E[v v^T] = I (score-SDE appendix D.2).
-                    (vjp,) = torch.autograd.grad(velocity, xs, probe)
-                    div = (vjp * probe).sum()
-                else:
-                    flat = velocity.reshape(-1)
-                    div = sum(
-                        torch.autograd.grad(flat[j], xs, retain_graph=j + 1 < dims)[0].reshape(-1)[j]
-                        for j in range(dims)
-                    )
-            velocity, div = velocity.detach(), torch.as_tensor(div).detach().reshape(1)
-            # The solver syncs with the host at every step anyway; without this a NaN would make it shrink the step
-            # until it fails with an unrelated message.
-            if not (bool(torch.isfinite(velocity).all()) and bool(torch.isfinite(div).all())):
-                raise FloatingPointError(
-                    f"likelihood: the probability-flow ODE of sample {i} holds NaN or Inf at t={float(t):.6g} "
-                    f"(integrating from {sde.sampling_eps:g} to {sde.T:g}); check the model's outputs "
-                    f"(prediction_type={prediction_type!r}, time_input={time_input!r})."
+    def rhs(s: torch.Tensor, state: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``dy/ds`` and its divergence (eq. 39 in the scaled variables) for the samples ``index``."""
+        with torch.enable_grad():
+            y = state[0].detach().requires_grad_(True)
+            velocity = flow.velocity(y, s)
+            if probes is not None:
+                # Skilling-Hutchinson: E_v[v^T J v] = tr J with E[v v^T] = I (score-SDE appendix D.2). The samples
+                # are independent, so one vector-Jacobian product gives every sample's v_i^T J_i.
+                probe = probes[index]
+                (vjp,) = torch.autograd.grad(velocity, y, probe)
+                div = (vjp * probe).flatten(1).sum(1)
+            else:
+                flat = velocity.flatten(1)
+                div = sum(
+                    torch.autograd.grad(flat[:, j].sum(), y, retain_graph=j + 1 < dims)[0].flatten(1)[:, j]
+                    for j in range(dims)
                 )
-            return velocity, div
+        return velocity.detach(), torch.as_tensor(div).detach()
 
-        state0 = (x[i : i + 1], torch.zeros(1, dtype=x.dtype, device=x.device))
-        with torch.no_grad():
-            z, delta = (s[-1] for s in odeint(rhs, state0, span, rtol=rtol, atol=atol, method=method, options=options))
-        # eq. 39 integrated from eps to T: log p_eps(x) = log p_T(z) + delta.
-        nll.append(-(sde.prior_logp(z).to(x.dtype) + delta))
-        nfes.append(nfe)
-        latents.append(z)
-    nll_t = torch.cat(nll) + dims * offset
+    state0 = (x / flow.alpha_start, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+    solution = solve(
+        rhs, state0, flow.s_start, flow.s_end, rtol=rtol, atol=atol, method=method, what="likelihood", clock=flow.time
+    )
+    y_end, delta = solution.state
+    z = flow.alpha_end * y_end
+    # eq. 39 in y and s, plus the scaling x = alpha y (see sdekit.scaled_flow):
+    # log p_eps(x) = log p_T(z) + D log(alpha_T / alpha_eps) + delta.
+    nll = -(sde.prior_logp(z).to(x.dtype) + flow.log_scale_change(dims) + delta)
+    nll_t = nll + dims * offset
     if not bool(torch.isfinite(nll_t).all()):
         raise FloatingPointError("likelihood: the result holds NaN or Inf (check the model and the prior_logp).")
     return LikelihoodResult(
         nll=nll_t,
         bpd=nll_t / (dims * math.log(2)),
-        nfe=torch.tensor(nfes, dtype=torch.int64),
-        z=torch.cat(latents),
+        nfe=solution.nfe,
+        z=z,
     )

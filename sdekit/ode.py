@@ -9,13 +9,13 @@ diffusers scheduler; the fixed-step solvers of the same ODE are the ``pf-ode`` s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .models import model_prediction
+from .models import model_device_dtype, model_prediction
 from .parametrization import PREDICTION_TYPES, TIME_INPUTS, check_choice, model_output_to, to_model_time
 from .sampling import check_finite
 from .sde import SDE, ScoreFn, TimeLike, compute_dtype
@@ -23,7 +23,15 @@ from .sde import SDE, ScoreFn, TimeLike, compute_dtype
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 """The adaptive solvers of torchdiffeq that :func:`sample_ode` accepts."""
 
-__all__ = ["ADAPTIVE_METHODS", "ODEResult", "check_solver_options", "model_score_fn", "ode_scheduler", "sample_ode"]
+__all__ = [
+    "ADAPTIVE_METHODS",
+    "ODEResult",
+    "check_solver_options",
+    "model_output_fn",
+    "model_score_fn",
+    "ode_scheduler",
+    "sample_ode",
+]
 
 
 def check_solver_options(rtol: float, atol: float, method: str) -> None:
@@ -62,6 +70,26 @@ class ODEResult:
 
     samples: torch.Tensor
     nfe: int
+
+
+def model_output_fn(
+    model: Any, scheduler: Any, like: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``predict(x, t)``: ``model``'s raw output at continuous times ``t`` (one per sample), as ``scheduler`` reads it.
+
+    The model gets ``t`` in the scheduler's units (``scheduler.time_input``) and ``x`` in its own dtype (e.g.
+    float16 for a half model, while the ODE runs in float32); its output comes back in ``x``'s dtype, checked to
+    have ``x``'s shape. ``like`` is a tensor of the data, for models that declare no dtype.
+    """
+    _, model_dtype = model_device_dtype(model, like)
+    sde: SDE = scheduler.sde
+    time_input: str = scheduler.time_input
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        output = model_prediction(model, x.to(model_dtype), to_model_time(sde, t, time_input), expect_shape=True)
+        return output.to(x.dtype)
+
+    return predict
 
 
 def model_score_fn(

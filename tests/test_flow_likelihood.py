@@ -28,9 +28,10 @@ CONFIGS = {
     "subvp": lambda: {"sde": "subvp", "sde_params": {"beta_min": 0.1, "beta_max": 20}},
     "ve": lambda: {"sde": "ve"},
 }
-# Solver error alone (bits/dim, with the exact p_T in place of the prior). On a DDPM table beta(t) is piecewise
-# constant over 1000 levels; the solver's error control does not see its jumps, hence the larger error there.
-SOLVER_TOL = {"vp-ddpm": 3e-3, "vp": 5e-4, "subvp": 5e-4, "ve": 5e-4}
+# Solver error alone (bits/dim, with the exact p_T in place of the prior): measured 2.4e-5 (VE) to 3.7e-5 (DDPM
+# table) at rtol = atol = 1e-5. Integrated in t, the DDPM table's piecewise-constant beta(t) made it 2e-3; the
+# scaled variables of sdekit.scaled_flow see no jumps.
+SOLVER_TOL = 2e-4
 
 
 def bits(log_p: torch.Tensor, dims: int) -> torch.Tensor:
@@ -40,6 +41,7 @@ def bits(log_p: torch.Tensor, dims: int) -> torch.Tensor:
 def setup(mixture: GaussianMixture, name: str, prediction_type: str = "score"):
     scheduler = sdekit.load_scheduler("pf-ode", CONFIGS[name](), prediction_type=prediction_type)
     model = MixtureScoreModel(mixture, scheduler.sde, prediction_type=prediction_type, time_input=scheduler.time_input)
+    model = model.to(torch.float64)  # the oracle computes in its own dtype, like a real model
     return scheduler, model
 
 
@@ -63,7 +65,7 @@ def test_bpd_matches_exact_log_density(mixture_2d: GaussianMixture, name: str, p
     # The solver's own error: swap the prior term for the exact log p_T at the latent reached.
     alpha_T, sigma_T = sde.marginal_coeffs(torch.tensor(sde.T, dtype=torch.float64))
     mismatch = bits(sde.prior_logp(result.z), 2) - bits(mixture_2d.log_prob(result.z, alpha_T, sigma_T), 2)
-    assert (result.bpd - mismatch - noised).abs().max() < SOLVER_TOL[name]
+    assert (result.bpd - mismatch - noised).abs().max() < SOLVER_TOL
 
 
 def test_config_mapping_is_the_pf_ode_scheduler(mixture_2d: GaussianMixture) -> None:
@@ -150,7 +152,7 @@ class NaNAfter(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         out = self.inner(sample, timestep).sample
-        return out * torch.where(timestep > 500, float("nan"), 1.0)
+        return out * torch.where(timestep > 500, float("nan"), 1.0).reshape(-1, *([1] * (out.ndim - 1)))
 
 
 class NoFlowSDE(VPSDE):
@@ -165,7 +167,7 @@ def test_bad_inputs(mixture_2d: GaussianMixture) -> None:
         likelihood(HalfOutput(), x, scheduler)
     with pytest.raises(FloatingPointError, match=r"NaN or Inf at t=") as info:
         likelihood(NaNAfter(model), x, scheduler, trace="exact")
-    reached = float(str(info.value).split("t=")[1].split()[0])
+    reached = float(str(info.value).split("t=")[1].split(";")[0])
     assert 500 / 999 < reached <= 1.0
     fake = SimpleNamespace(sde=NoFlowSDE(), time_input="ddpm", config=SimpleNamespace(prediction_type="epsilon"))
     with pytest.raises(ValueError, match="probability-flow"):
