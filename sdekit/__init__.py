@@ -9,6 +9,8 @@ from diffusers import SchedulerMixin
 from .bound import GaussianReverseProcess, GaussianStep, nll_bound
 from .encoding import decode, encode, slerp
 from .flow_likelihood import LikelihoodResult, likelihood
+from .guidance import ClassifierGuidance, sample
+from .inpainting import Colorization, Inpainting, colorize, inpaint
 from .ode import ODEResult, sample_ode
 from .registry import (
     API_VERSION,
@@ -48,8 +50,11 @@ def __getattr__(name: str) -> type:
 
 __all__ = [
     "API_VERSION",
+    "ClassifierGuidance",
+    "Colorization",
     "GaussianReverseProcess",
     "GaussianStep",
+    "Inpainting",
     "InvalidPluginError",
     "LikelihoodResult",
     "ODEResult",
@@ -64,16 +69,19 @@ __all__ = [
     "UnknownPluginError",
     "VPTypeSDE",
     "__version__",
+    "colorize",
     "decode",
     "encode",
     "get_sampler_class",
     "get_sde",
     "get_sde_class",
+    "inpaint",
     "likelihood",
     "list_plugins",
     "load_scheduler",
     "nll_bound",
     "refresh_plugins",
+    "sample",
     "sample_probability_flow",
     "sample_ode",
     "sample_reverse_sde",
