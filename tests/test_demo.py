@@ -65,16 +65,31 @@ def test_demo_trains_then_writes_a_grid_and_a_row_per_sampler(
     tmp_path: Path, progress_lines: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "demo"
-    table = demo.main(
-        ["--output_dir", str(out), "--max_train_steps", "2", "--num_samples", "6", "--train_args", *TINY_TRAINING]
-    )
+    flags = ["--output_dir", str(out), "--max_train_steps", "2", "--num_samples", "6", "--num_likelihood", "5"]
+    table = demo.main([*flags, "--train_args", *TINY_TRAINING])
     log = capsys.readouterr().err
-    phases = ["demo: training", "demo: loading", "demo: sampling 6 images", "demo: untrained", "demo: data floor"]
+    phases = [
+        "demo: training",
+        "demo: loading",
+        "demo: sampling 6 images",
+        "demo: untrained",
+        "demo: data floor",
+        "demo: inpainting the right half of 8 held-out digits",
+        "demo: likelihood of 5 held-out digits",
+    ]
     starts = [next(i for i, line in enumerate(log.splitlines()) if line.startswith(p)) for p in phases]
     assert starts == sorted(starts), log
     _check_run_log(log, [run.label for run in BUILTIN_RUNS] + ["untrained"])
     assert "analytic-ddpm: estimating Gamma at the 25 levels it visits" in log
-    assert (out / "results.md").read_text().endswith(table + "\n")
+    results = (out / "results.md").read_text()
+    assert table in results
+    nll_lines = [line for line in results.split(table)[1].splitlines() if line.startswith("|")][2:]
+    nll_rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in nll_lines}
+    assert set(nll_rows) == {"trained model"}
+    for cells in nll_rows.values():
+        bpd, interval, nfe, seconds = (cell.strip() for cell in cells)
+        low, high = (float(v) for v in interval.strip("[]").split(","))
+        assert 0 < low < float(bpd) < high and int(nfe) > 0 and float(seconds) > 0
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table.splitlines()[2:]}
     for run in BUILTIN_RUNS:
         nfe, seconds, frechet = (cell.strip() for cell in rows[run.label])
@@ -83,13 +98,15 @@ def test_demo_trains_then_writes_a_grid_and_a_row_per_sampler(
         grid = Image.open(out / "grids" / f"{run.label}.png")
         assert grid.size == (3 * 168 + 4 * 4, 2 * 168 + 3 * 4)  # 6 samples of 8 x 8, 21x, on 3 x 2 with 4 px gaps
     assert {"untrained model (pf-ode-heun)", "training data (floor)"} <= set(rows)
+    # Three rows of 8 digits (given, known half, inpainted), 8 x 8 pixels at 8x, 4 px gaps.
+    assert Image.open(out / "grids" / "inpainting.png").size == (8 * 64 + 9 * 4, 3 * 64 + 4 * 4)
     assert (out / "model" / "model_index.json").is_file()
 
     # Run again, it reuses the finished training (2 steps logged once, no step trained again) and evaluates anew.
     AcceleratorState._reset_state(True)
     checkpoint = out / "model" / "checkpoint-2" / "model.safetensors"
     saved = checkpoint.stat()
-    again = ["--output_dir", str(out), "--max_train_steps", "2", "--num_samples", "6", "--train_args", *TINY_TRAINING]
+    again = [*flags, "--train_args", *TINY_TRAINING]
     assert demo.run(again) == 0
     assert (checkpoint.stat().st_ino, checkpoint.stat().st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)
     assert len((out / "model" / "logs" / "loss.jsonl").read_text().splitlines()) == 2
