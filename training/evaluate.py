@@ -26,6 +26,7 @@ from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
 from PIL import Image
 
 import sdekit
+from sdekit.cli.files import image_grid
 from sdekit.cli.likelihood import summarize
 from sdekit.ode import model_score_fn
 from sdekit.progress import Progress, pipeline_progress
@@ -132,19 +133,7 @@ def save_grid(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     if isinstance(background, bool) or not isinstance(background, int) or not 0 <= background <= 255:
         raise ValueError(f"background must be an integer grey level in [0, 255], got {background!r}.")
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    b, c, h, w = images.shape
-    rows = math.ceil(b / cols)
-    scale = max(1, math.ceil((min_width - (cols + 1) * gap) / (cols * w)))
-    cell_h, cell_w = h * scale, w * scale
-    cells = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    size = (c, rows * cell_h + (rows + 1) * gap, cols * cell_w + (cols + 1) * gap)
-    grid = torch.full(size, background, dtype=torch.uint8)
-    for i in range(b):
-        top, left = gap + (i // cols) * (cell_h + gap), gap + (i % cols) * (cell_w + gap)
-        grid[:, top : top + cell_h, left : left + cell_w] = cells[i]
-    array = grid.permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[..., 0] if c == 1 else array)
+    picture = image_grid(images, min_width=min_width, gap=gap, background=background, columns=cols)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
     return picture

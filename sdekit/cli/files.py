@@ -92,11 +92,14 @@ def to_uint8(samples: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def image_grid(samples: torch.Tensor, *, min_width: int = 512, gap: int = 4, background: int = 128) -> Any:
+def image_grid(
+    samples: torch.Tensor, *, min_width: int = 512, gap: int = 4, background: int = 128, columns: int | None = None
+) -> Any:
     """Samples in ``[-1, 1]`` (``(B, C, H, W)``, ``C`` 1 or 3) as one PIL image, large enough to look at.
 
-    ``ceil(sqrt(B))`` columns; each pixel becomes a ``k x k`` block with the smallest integer ``k`` that makes the
-    grid at least ``min_width`` pixels wide; ``gap`` pixels of grey ``background`` around and between the cells.
+    ``columns`` columns (default ``ceil(sqrt(B))``), filled row by row; each pixel becomes a ``k x k`` block with
+    the smallest integer ``k`` that makes the grid at least ``min_width`` pixels wide; ``gap`` pixels of grey
+    ``background`` around and between the cells.
     """
     from PIL import Image
 
@@ -104,7 +107,7 @@ def image_grid(samples: torch.Tensor, *, min_width: int = 512, gap: int = 4, bac
         raise ValueError(f"samples must be (B, C, H, W) with B >= 1 and C 1 or 3, got {tuple(samples.shape)}.")
     pixels = torch.from_numpy(to_uint8(samples))  # (B, H, W, C)
     count, height, width, channels = pixels.shape
-    cols = math.ceil(math.sqrt(count))
+    cols = math.ceil(math.sqrt(count)) if columns is None else columns
     rows = math.ceil(count / cols)
     scale = max(1, math.ceil((min_width - (cols + 1) * gap) / (cols * width)))
     pixels = pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
