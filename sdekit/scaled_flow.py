@@ -30,13 +30,13 @@ from collections.abc import Callable
 
 import torch
 
+from .grids import time_of_noise_to_signal
 from .parametrization import model_output_to
 from .sde import SDE, linear_coefficients
 
 __all__ = ["ScaledFlow"]
 
 _TABLE_POINTS = 1025  # brackets for t(s), evenly spaced in log s
-_BISECTIONS = 64  # to build the table: halvings of [sampling_eps, T], below float64 resolution
 _REFINEMENTS = 4  # Illinois steps inside a bracket: from ~1e-5 (linear interpolation) to below 1e-12
 
 
@@ -44,8 +44,9 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _time_table(sde: SDE, r_start: float, r_end: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Times of evenly spaced ``r = log(sigma / alpha)`` from ``r_start`` to ``r_end``, by bisection (all points at
-    once), cached per SDE: ``t(s)`` is looked up in ``r``, where one spacing suits every scale."""
+    """Times of evenly spaced ``r = log(sigma / alpha)`` from ``r_start`` to ``r_end``
+    (:func:`sdekit.grids.time_of_noise_to_signal`), cached per SDE: ``t(s)`` is looked up in ``r``, where one
+    spacing suits every scale."""
     key = (sde.sampling_eps, sde.T, r_start, r_end)
     try:
         cached = _TABLES.get(sde)
@@ -54,14 +55,8 @@ def _time_table(sde: SDE, r_start: float, r_end: float) -> tuple[torch.Tensor, t
     if cached is not None and cached[0] == key:
         return cached[1]
     r_table = torch.linspace(r_start, r_end, _TABLE_POINTS, dtype=torch.float64)
-    lo = torch.full_like(r_table, sde.sampling_eps)
-    hi = torch.full_like(r_table, sde.T)
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        alpha, sigma = sde.marginal_coeffs(mid)
-        below = torch.log(sigma / alpha) < r_table
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    t_table = torch.cat([lo.new_tensor([sde.sampling_eps]), 0.5 * (lo + hi)[1:-1], lo.new_tensor([sde.T])])
+    t_table = time_of_noise_to_signal(sde, torch.exp(r_table).clamp(math.exp(r_start), math.exp(r_end)))
+    t_table[0], t_table[-1] = sde.sampling_eps, sde.T
     try:
         _TABLES[sde] = (key, (r_table, t_table))
     except TypeError:
@@ -120,7 +115,13 @@ class ScaledFlow:
         self.s_start, self.s_end = float(ratio[0]), float(ratio[1])
         r_start, r_end = math.log(self.s_start), math.log(self.s_end)
         self.alpha_start, self.alpha_end = float(alpha[0]), float(alpha[1])
-        self._r_table, self._t_table = _time_table(sde, r_start, r_end)
+        try:
+            self._r_table, self._t_table = _time_table(sde, r_start, r_end)
+        except ValueError as error:
+            raise ValueError(
+                f"{what} integrates the probability-flow ODE in s = sigma / alpha, which must increase strictly in t; "
+                f"{name}'s does not on [sampling_eps, T] ({error})"
+            ) from error
         if not (
             bool((self._t_table[1:] > self._t_table[:-1]).all())
             and torch.allclose(self._log_ratio(self._t_table), self._r_table, rtol=0, atol=1e-9)

@@ -13,7 +13,9 @@ lists the shared configuration (:data:`COMMON_CONFIG`) plus its own parameters i
 
 It may override :meth:`~SDEScheduler.spaced_times` / :meth:`~SDEScheduler.custom_times` (how ``set_timesteps``
 chooses the levels) and :meth:`~SDEScheduler.check_eta`, and uses the helpers :meth:`~SDEScheduler.kernel_coeffs`,
-:meth:`~SDEScheduler.x0_and_eps`, :meth:`~SDEScheduler.noise_like` and :meth:`~SDEScheduler.model_timesteps`.
+:meth:`~SDEScheduler.x0_and_eps`, :meth:`~SDEScheduler.noise_like`, :meth:`~SDEScheduler.model_timesteps`,
+:meth:`~SDEScheduler.grid_times` and :meth:`~SDEScheduler.check_num_inference_steps`. A sampler that takes the
+time-grid option (:data:`GRID_PARAMETERS`: ``time_grid``, ``rho``) gets its levels on that grid (:mod:`sdekit.grids`).
 
 The base builds the SDE from the config, maps continuous time to the model's timestep units, keeps the step
 index as diffusers' schedulers do, checks shapes, honours ``check_finite``, and translates configs saved by
@@ -35,6 +37,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .grids import check_time_grid, time_grid
 from .parametrization import (
     PREDICTION_TYPES,
     TIME_INPUTS,
@@ -49,6 +52,7 @@ from .sde import SDE, TimeLike, VPTypeSDE, broadcast_time, compute_dtype
 
 __all__ = [
     "COMMON_CONFIG",
+    "GRID_PARAMETERS",
     "SHARED_DOC",
     "SHARED_PARAMETERS",
     "SDEScheduler",
@@ -103,6 +107,16 @@ documents them, so that their descriptions and defaults are written once."""
 
 _SHARED_DEFAULTS: dict[str, Any] = {p.name: p.default for p in SHARED_PARAMETERS}
 
+GRID_PARAMETERS: tuple[SharedParameter, ...] = (
+    SharedParameter("time_grid", None, "str | None"),
+    SharedParameter("rho", 7.0, "float"),
+)
+"""The time-grid option a sampler may take: ``time_grid`` (``uniform``, ``logsnr`` or ``karras``, see
+:mod:`sdekit.grids`; ``None`` for the sampler's own choice, :meth:`SDEScheduler.default_time_grid`) and ``rho`` (the
+Karras exponent). A sampler that lists both in its ``__init__`` (together, in this order, with these annotations; the
+defaults are its own) gets them validated by :meth:`SDEScheduler.setup` and its ``set_timesteps(n)`` levels laid out
+on that grid by :meth:`SDEScheduler.grid_times`. Samplers without them step on the uniform grid."""
+
 
 def check_shared_parameters(cls: type) -> None:
     """Check that the sampler ``cls`` takes the shared configuration as declared in :data:`SHARED_PARAMETERS`.
@@ -137,6 +151,26 @@ def check_shared_parameters(cls: type) -> None:
                 f"{cls.__name__}.__init__: {shared.name} is annotated {written}; the shared configuration's "
                 f"annotation is {shared.annotation}."
             )
+    names = [p.name for p in params]
+    grid_names = [p.name for p in GRID_PARAMETERS]
+    if any(name in names for name in grid_names):
+        if not all(name in names for name in grid_names):
+            raise TypeError(
+                f"{cls.__name__}.__init__ takes only part of the time-grid option; take all of {grid_names}."
+            )
+        start = names.index(grid_names[0])
+        if names[start : start + len(grid_names)] != grid_names:
+            raise TypeError(
+                f"{cls.__name__}.__init__: the time-grid option's parameters must follow each other as {grid_names}."
+            )
+        for shared in GRID_PARAMETERS:
+            annotation = params[names.index(shared.name)].annotation
+            written = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+            if written != shared.annotation:
+                raise TypeError(
+                    f"{cls.__name__}.__init__: {shared.name} is annotated {written}; the time-grid option's "
+                    f"annotation is {shared.annotation}."
+                )
     if " ".join(SHARED_DOC.split()) not in " ".join((cls.__doc__ or "").split()):
         raise TypeError(
             f"{cls.__name__}'s docstring must name the shared parameters as {SHARED_DOC!r} (they are documented "
@@ -223,6 +257,14 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         clip_sample_range: default 1.0.
         check_finite: after every step, raise if the sample holds NaN or Inf. Off by default: the check makes
             the host wait for the device at every step.
+
+    The time-grid option (:data:`GRID_PARAMETERS`), for samplers that take it:
+
+    Args:
+        time_grid: where ``set_timesteps(n)`` puts the levels (:mod:`sdekit.grids`): ``uniform`` in ``t``,
+            ``logsnr`` (uniform in log signal-to-noise ratio), ``karras`` (Karras et al. 2022, eq. 5), or ``None``
+            for the sampler's choice (:meth:`default_time_grid`). ``set_timesteps(timesteps=...)`` ignores it.
+        rho: the ``karras`` grid's exponent, > 0; default 7.
     """
 
     _compatibles = ["DDPMScheduler", "DDIMScheduler", "ScoreSdeVeScheduler"]
@@ -255,6 +297,8 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         self.sde: SDE = sde_from_config(c)
         self.time_input = c.time_input or self.sde.default_time_input()
         check_choice("time_input", self.time_input, TIME_INPUTS)
+        if self.takes_time_grid():
+            check_time_grid(self.default_time_grid() if c.time_grid is None else c.time_grid, c.rho)
         self.init_noise_sigma = self.sde.prior_std()
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
@@ -393,7 +437,14 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         self._begin_index = None
 
     def spaced_times(self, num_inference_steps: int) -> list[float]:
-        """Continuous times of ``num_inference_steps`` levels, evenly spaced from ``T`` to ``sampling_eps``."""
+        """Continuous times of ``num_inference_steps`` levels from ``T`` to ``sampling_eps`` (both included), on the
+        sampler's time grid (:meth:`grid_times`; evenly spaced in ``t`` for a sampler without the option)."""
+        self.check_num_inference_steps(num_inference_steps)
+        return self.grid_times(num_inference_steps)
+
+    def check_num_inference_steps(self, num_inference_steps: int) -> None:
+        """Raise ``ValueError`` unless ``num_inference_steps`` is an integer >= 1 and, on a discrete table, at most
+        its ``num_train_timesteps`` levels (more would visit some table level twice over)."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
         if num_inference_steps < 1:
@@ -401,9 +452,27 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         if self.sde.is_discrete and num_inference_steps > self.config.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} exceeds the {self.config.num_train_timesteps} noise "
-                "levels of this discrete schedule; use at most num_train_timesteps."
+                f"levels of this discrete schedule; use at most {self.config.num_train_timesteps}."
             )
-        return torch.linspace(self.sde.T, self.sde.sampling_eps, num_inference_steps, dtype=torch.float64).tolist()
+
+    def grid_times(self, num_points: int) -> list[float]:
+        """``num_points`` continuous times from ``T`` down to ``sampling_eps`` (both included) on the configured time
+        grid: :func:`sdekit.grids.time_grid` with the sampler's ``time_grid`` and ``rho``, or the uniform grid for
+        a sampler that does not take the option (:data:`GRID_PARAMETERS`)."""
+        if not self.takes_time_grid():  # a config handed over from a sampler that does (e.g. pc's) may hold it
+            return time_grid(self.sde, num_points, self.default_time_grid())
+        c = self.config
+        return time_grid(self.sde, num_points, c.time_grid or self.default_time_grid(), c.rho)
+
+    @classmethod
+    def takes_time_grid(cls) -> bool:
+        """Whether this sampler takes the time-grid option (:data:`GRID_PARAMETERS`) in its ``__init__``."""
+        return "time_grid" in inspect.signature(cls.__init__).parameters
+
+    def default_time_grid(self) -> str:
+        """The grid :meth:`grid_times` uses when the sampler's ``time_grid`` is ``None`` (or it takes no time-grid
+        option): ``uniform``. A sampler whose best grid depends on its other settings overrides this."""
+        return "uniform"
 
     def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
         """Continuous times of user-given model timesteps, which must be strictly decreasing."""

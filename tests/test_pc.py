@@ -169,14 +169,18 @@ def test_every_predictor_and_corrector_runs(
     assert torch.all(levels == levels[:, :1]) and torch.all(levels[1:, 0] < levels[:-1, 0])
 
 
-def test_ancestral_vp_is_ddpm(mixture_2d: GaussianMixture) -> None:
-    """On a DDPM table the ancestral predictor is DDPMScheduler with sigma_t^2 = beta_t, step for step."""
-    reference = float64_table(diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False))
-    ours = PCScheduler.from_config(reference.config, predictor="ancestral", corrector="none")
+@pytest.mark.parametrize("variance_type,ancestral_variance", [("fixed_small", None), ("fixed_large", "beta")])
+def test_ancestral_vp_is_ddpm(variance_type: str, ancestral_variance: str | None, mixture_2d: GaussianMixture) -> None:
+    """On a DDPM table the ancestral predictor is DDPMScheduler step for step, at 10, 50 and 1000 steps on DDPM's
+    own timesteps: with the default variance (beta_tilde) its default ``fixed_small``, with ``beta`` its
+    ``fixed_large``."""
+    reference = float64_table(diffusers.DDPMScheduler(variance_type=variance_type, clip_sample=False))
+    chosen = {} if ancestral_variance is None else {"ancestral_variance": ancestral_variance}
+    ours = PCScheduler.from_config(reference.config, predictor="ancestral", corrector="none", **chosen)
     oracle = MixtureScoreModel(mixture_2d, ours.sde)
     start = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for setup in ({"num_inference_steps": 1000}, {"num_inference_steps": 50}):
-        reference.set_timesteps(**setup)
+    for steps in (10, 50, 1000):
+        reference.set_timesteps(steps)
         # DDPM's own (leading) grid, passed to ours as explicit timesteps.
         ours.set_timesteps(timesteps=reference.timesteps)
         assert torch.equal(ours.timesteps, reference.timesteps.to(torch.float32))
@@ -212,13 +216,15 @@ def test_corrector_step_matches_the_formula(
 ) -> None:
     """x + eps s + sqrt(2 eps) z with eps = 2 alpha (snr ||z|| / ||s||)^2 (langevin) or 2 alpha (snr sigma)^2 (ald).
 
-    alpha is 1 for VE and 1 - beta_i of one step of the DDPM chain for VP (the reference code's alphas).
+    alpha is 1 for VE, and for VP 1 - b of the grid's actual step from this level down to the next one,
+    b = 1 - alpha_bar(t_i) / alpha_bar(t_{i+1}) (the reference code's 1 - beta_i, whose step is one training level).
     """
     snr = 0.3
     scheduler, oracle = _scheduler_and_oracle(
         kind, mixture_images, predictor="none", corrector=corrector, snr=snr, norm=norm, denoise_final=False
     )
-    scheduler.set_timesteps(timesteps=[1.0 if kind == "ve" else 700.0])  # sigma = 1 / DDPM timestep 700
+    # sigma = 1 then 0.5 / DDPM timesteps 700 then 500
+    scheduler.set_timesteps(timesteps=[1.0, 0.5] if kind == "ve" else [700.0, 500.0])
     t_model = scheduler.timesteps[0]
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     model_output = oracle(x, t_model).sample
@@ -233,7 +239,8 @@ def test_corrector_step_matches_the_formula(
     if kind == "ve":
         alpha = 1.0
     else:
-        alpha = float(sde.alpha_bar(t) / sde.alpha_bar(t - sde.T / sde.N))
+        alpha = float(sde.alpha_bar(t) / sde.alpha_bar(scheduler.eval_times[1]))
+        assert alpha < 0.5  # two hundred training levels: far from the reference code's 1 - beta_700 = 0.986
     if corrector == "ald":
         eps = 2 * alpha * (snr * float(sigma)) ** 2
     else:

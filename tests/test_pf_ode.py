@@ -65,12 +65,13 @@ def _floor(mixture: GaussianMixture) -> float:
     return mixture_frechet_floor(mixture, CHUNKS * CHUNK, CHUNK, generator=torch.Generator().manual_seed(1234))
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "ab2"])
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_frechet_distance_falls_as_steps_grow(setup: str, solver: str, mixture_2d: GaussianMixture) -> None:
+    """On each solver's default grid (uniform for Heun, Karras's for the others)."""
     scheduler, oracle = _scheduler_and_oracle(SETUPS[setup], mixture_2d, solver=solver)
     x_T = _prior(scheduler, CHUNKS * CHUNK, seed=1)
-    fds = [_chunked_fd(mixture_2d, _run(scheduler, oracle, x_T, steps)) for steps in (5, 10, 20)]
+    fds = [_chunked_fd(mixture_2d, _run(scheduler, oracle, x_T, steps)) for steps in (3, 10, 20)]
     assert fds[0] > fds[1] > fds[2], fds
     assert fds[0] > 2 * _floor(mixture_2d), fds  # the quality criterion below is not met at every budget
 
@@ -93,11 +94,10 @@ def test_heun_converges_with_order_two_and_euler_with_order_one(setup: str, mixt
     scheduler, oracle = _scheduler_and_oracle(CONTINUOUS[setup], mixture_2d, denoise_final=False)
     x_T = _prior(scheduler, 64, seed=3)
     exact = sample_ode(scheduler.sde, score_fn=oracle.score_fn, x_T=x_T, rtol=1e-9, atol=1e-9).samples
-    for solver, low, high in (("euler", 1.7, 2.4), ("heun", 3.3, 4.8)):
+    for solver, low, high in (("euler", 1.7, 2.4), ("heun", 3.3, 4.8), ("ab2", 3.3, 4.8)):
         scheduler = load_scheduler("pf-ode", **CONTINUOUS[setup], solver=solver, denoise_final=False)
         errors = [
-            float((_run(scheduler, oracle, x_T, intervals + 1) - exact).norm(dim=1).median())
-            for intervals in (32, 64, 128)
+            float((_run(scheduler, oracle, x_T, intervals) - exact).norm(dim=1).median()) for intervals in (32, 64, 128)
         ]
         ratios = [errors[0] / errors[1], errors[1] / errors[2]]
         assert all(low < r < high for r in ratios), (solver, errors, ratios)
@@ -115,18 +115,44 @@ def test_many_steps_agree_with_sample_ode_and_sample_probability_flow(setup: str
     torch.testing.assert_close(x, fixed, rtol=0, atol=1e-2)
 
 
-def test_denoise_final_is_tweedie_at_the_last_level(mixture_2d: GaussianMixture) -> None:
+@pytest.mark.parametrize("solver", ["euler", "heun", "ab2"])
+def test_denoise_final_is_tweedie_at_the_last_level(solver: str, mixture_2d: GaussianMixture) -> None:
+    """With denoise_final the n-th level steps straight to the data end: the x_0 estimate (Tweedie's formula) at the
+    state the ODE has reached there, with no evaluation at sampling_eps; without it, the same n + 1 points, the ODE
+    integrated on to sampling_eps."""
     for setup in ("vp", "ve"):
-        scheduler, oracle = _scheduler_and_oracle(SETUPS[setup], mixture_2d, denoise_final=False)
-        denoising, _ = _scheduler_and_oracle(SETUPS[setup], mixture_2d, denoise_final=True)
+        scheduler, oracle = _scheduler_and_oracle(SETUPS[setup], mixture_2d, solver=solver, denoise_final=False)
+        denoising, _ = _scheduler_and_oracle(SETUPS[setup], mixture_2d, solver=solver, denoise_final=True)
         x_T = _prior(scheduler, 32, seed=5)
-        x_eps = _run(scheduler, oracle, x_T, 20)
-        eps = scheduler.sde.sampling_eps
-        t = scheduler.timesteps[-1]
+        scheduler.set_timesteps(20)
+        denoising.set_timesteps(20)
+        # The denoising run visits the same levels, less Heun's last evaluation (its corrector at sampling_eps).
+        assert torch.equal(denoising.timesteps, scheduler.timesteps[: len(denoising.timesteps)])
+        assert len(scheduler.timesteps) == len(denoising.timesteps) + (solver == "heun")
+        assert min(denoising.eval_times) > scheduler.sde.sampling_eps
+        x, states = x_T, []
+        for t in scheduler.timesteps:
+            states.append(x)
+            x = scheduler.step(oracle(x, t).sample, t, x).prev_sample
+        # The state at the 20th level: the input of the last evaluation there (Heun: its predictor).
+        last = len(denoising.timesteps) - 1
+        x_last, t_last = states[last], denoising.timesteps[last]
         tweedie = model_output_to(
-            scheduler.sde, oracle(x_eps, t).sample, x_eps, eps, scheduler.config.prediction_type, "sample"
+            scheduler.sde,
+            oracle(x_last, t_last).sample,
+            x_last,
+            denoising.eval_times[last],
+            scheduler.config.prediction_type,
+            "sample",
         )
         torch.testing.assert_close(_run(denoising, oracle, x_T, 20), tweedie, rtol=0, atol=1e-10)
+
+
+def test_sample_ode_denoise_is_tweedie_at_sampling_eps(mixture_2d: GaussianMixture) -> None:
+    for setup in ("vp", "ve"):
+        scheduler, oracle = _scheduler_and_oracle(SETUPS[setup], mixture_2d)
+        x_T = _prior(scheduler, 32, seed=5)
+        eps = scheduler.sde.sampling_eps
         plain = sample_ode(scheduler.sde, score_fn=oracle.score_fn, x_T=x_T)
         denoised = sample_ode(scheduler.sde, score_fn=oracle.score_fn, x_T=x_T, denoise=True)
         assert denoised.nfe == plain.nfe + 1
@@ -137,18 +163,21 @@ def test_denoise_final_is_tweedie_at_the_last_level(mixture_2d: GaussianMixture)
 
 
 @pytest.mark.parametrize("denoise_final", [True, False])
-@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "ab2"])
 def test_one_model_call_per_timestep(solver: str, denoise_final: bool, mixture_2d: GaussianMixture) -> None:
-    scheduler, oracle = _scheduler_and_oracle({}, mixture_2d, solver=solver, denoise_final=denoise_final)
+    scheduler, oracle = _scheduler_and_oracle(
+        {}, mixture_2d, solver=solver, denoise_final=denoise_final, time_grid="uniform"
+    )
     assert scheduler.order == (2 if solver == "heun" else 1)
-    for steps in (2, 3, 8):
+    for steps in (1, 2, 3, 8):
         oracle.num_calls = 0
         _run(scheduler, oracle, _prior(scheduler, 4, seed=6), steps)
-        expected = {"euler": steps, "heun": 2 * steps - 1}[solver] - (not denoise_final)
+        # n steps between n + 1 points; Heun's last step to the data end is Euler's (one evaluation).
+        expected = 2 * steps - denoise_final if solver == "heun" else steps
         assert oracle.num_calls == len(scheduler.timesteps) == expected
         # Evaluation `order * k` is at noise level k: pipelines slice timesteps[t_start * order:].
         starts = scheduler.timesteps[:: scheduler.order]
-        torch.testing.assert_close(starts, torch.linspace(999, 0, steps)[: len(starts)])
+        torch.testing.assert_close(starts, torch.linspace(999, 0, steps + 1)[: len(starts)])
 
 
 def test_sampling_is_deterministic_and_ignores_the_generator(mixture_2d: GaussianMixture) -> None:
@@ -218,16 +247,21 @@ class _CubicDriftSDE(VPSDE):
 
 
 def test_bad_input(mixture_2d: GaussianMixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="solver must be one of 'euler', 'heun'; got 'rk4'"):
+    with pytest.raises(ValueError, match="solver must be one of 'euler', 'heun', 'ab2'; got 'rk4'"):
         ProbabilityFlowScheduler(solver="rk4")
     with pytest.raises(ValueError, match="denoise_final"):
         ProbabilityFlowScheduler(denoise_final="yes")
     scheduler = ProbabilityFlowScheduler(denoise_final=False)
-    with pytest.raises(ValueError, match="num_inference_steps=1"):
-        scheduler.set_timesteps(1)
-    scheduler = ProbabilityFlowScheduler(sde_params={"beta_min": 0.1, "beta_max": 20.0}, sampling_eps=0.0)
+    with pytest.raises(ValueError, match="timesteps of 1 level leave no interval"):
+        scheduler.set_timesteps(timesteps=[500])
+    # With sampling_eps = 0 the ODE cannot be integrated down to it (sigma = 0), though denoise_final (which stops
+    # at the last noisy level) can.
+    continuous = {"sde_params": {"beta_min": 0.1, "beta_max": 20.0}, "sampling_eps": 0.0}
+    ProbabilityFlowScheduler(**continuous).set_timesteps(10)
     with pytest.raises(ValueError, match="sigma > 0"):
-        scheduler.set_timesteps(10)
+        ProbabilityFlowScheduler(**continuous, denoise_final=False).set_timesteps(10)
+    with pytest.raises(ValueError, match="time_grid='logsnr' needs a positive noise level at sampling_eps=0.0"):
+        ProbabilityFlowScheduler(**continuous, time_grid="logsnr").set_timesteps(10)
     monkeypatch.setattr(sdekit.scheduler, "get_sde", lambda name, **params: _CubicDriftSDE())
     with pytest.raises(ValueError, match="linear drift"):
         ProbabilityFlowScheduler()

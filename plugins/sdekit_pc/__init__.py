@@ -6,7 +6,7 @@ Registered in the ``sdekit.samplers`` entry-point group as ``pc``; use it throug
 """
 
 from .correctors import CORRECTORS, NORMS
-from .predictors import PREDICTORS
+from .predictors import ANCESTRAL_VARIANCES, PREDICTORS
 from .scheduler import PCScheduler
 
-__all__ = ["CORRECTORS", "NORMS", "PCScheduler", "PREDICTORS"]
+__all__ = ["ANCESTRAL_VARIANCES", "CORRECTORS", "NORMS", "PCScheduler", "PREDICTORS"]

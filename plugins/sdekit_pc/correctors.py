@@ -8,7 +8,8 @@ step size ``eps``:
 * ``ald``, annealed Langevin dynamics (NCSN; Song & Ermon 2019, Algorithm 1, whose step is proportional to
   ``sigma_i^2``), in the score-SDE reference code's form ``eps = 2 alpha (r sigma(t))^2``.
 
-``alpha`` is the reference code's factor for VP-type SDEs, ``1 - beta_i`` (1 for VE); see :func:`langevin_alpha`.
+``alpha`` is the reference code's factor for VP-type SDEs, ``1 - beta_i`` of the step (1 for VE); see
+:func:`langevin_alpha`.
 """
 
 from __future__ import annotations
@@ -35,20 +36,24 @@ CORRECTORS = ("langevin", "ald", "none")
 NORMS = ("per_sample", "batch")
 
 
-def langevin_alpha(sde: SDE, times: Sequence[float]) -> list[float]:
-    """``alpha_i = (1 + a_i)^2`` per time, with ``a_i x`` the drift of a step of ``sde.discretize(x, t)`` (``T / N``).
+def langevin_alpha(sde: SDE, times: Sequence[float], dt: float | Sequence[float] | None = None) -> list[float]:
+    """``alpha_i = (1 + a_i)^2`` per time, with ``a_i x`` the drift of the step ``sde.discretize(x, t_i, dt)``.
 
-    The squared per-step mean factor of the forward chain: ``1 - beta_i`` for VP (DDPM's ``alpha_i``, what the
-    reference code uses), 1 for VE (no drift). For sub-VP, whose drift ``-beta(t) x / 2`` is VP's, it is
-    ``(1 - beta(t) T / (2 N))^2 = 1 - beta_i + O(beta_i^2)``, VP's value to first order: the factor accounts for
-    the drift's contraction of ``x`` per step, which sub-VP shares with VP (the reference code has no sub-VP
-    value and fails there).
+    The squared mean factor of the forward chain's step into level ``i``: for VP ``1 - b_i`` with ``b_i = 1 -
+    alpha_bar(t_i) / alpha_bar(t_i - dt)``, DDPM's ``alpha_i`` (what the reference code uses, score-SDE
+    Algorithm 5, with ``dt = 1 / N``); 1 for VE (no drift). For sub-VP, whose drift ``-beta(t) x / 2`` is VP's, the
+    Euler-Maruyama chain gives ``(1 - beta(t) dt / 2)^2``, VP's value to first order.
+
+    The sampler passes the grid's actual step down from each level (``t_i - t_{i+1}``), so that a coarse grid,
+    whose steps contract ``x`` by far more than one training step does, takes correspondingly smaller Langevin
+    steps: the score-SDE Algorithm 5 step size with ``alpha`` read off the step the predictor is about to take.
 
     Args:
         sde: a linear-drift SDE.
         times: the times.
+        dt: the step length, one for all times or one per time; ``None`` takes the SDE's own (``T / N``).
     """
-    drifts, _ = linear_discretization(sde, times)
+    drifts, _ = linear_discretization(sde, times, dt)
     return [(1.0 + a) ** 2 for a in drifts]
 
 

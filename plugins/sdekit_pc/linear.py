@@ -55,15 +55,37 @@ def linear_sde(sde: SDE, times: Sequence[float]) -> Coefficients:
     return _linear_coefficients(sde.sde, sde, times, "sde")
 
 
-def linear_discretization(sde: SDE, times: Sequence[float], dt: float | None = None) -> Coefficients:
-    """``(a_i, G_i)`` per time, with ``sde.discretize(x, t, dt) == (a_i x, G_i)``: a step of the SDE's own chain.
+def linear_discretization(sde: SDE, times: Sequence[float], dt: float | Sequence[float] | None = None) -> Coefficients:
+    """``(a_i, G_i)`` per time, with ``sde.discretize(x, t_i, dt_i) == (a_i x, G_i)``: a step of the SDE's own chain.
 
     Args:
         sde: an SDE whose discretization is linear in ``x`` with an ``x``-independent, isotropic ``G``.
-        times: the times the steps end at (each step runs forward from ``t - dt`` to ``t``).
-        dt: the step length; ``None`` (default) takes the SDE's own (``T / N``).
+        times: the times the steps end at (each step runs forward from ``t_i - dt_i`` to ``t_i``).
+        dt: the step length, one for all times or one per time; ``None`` (default) takes the SDE's own (``T / N``).
+            Per-time steps go to ``discretize`` as one tensor (one row per time) when the SDE's ``discretize``
+            takes a tensor ``dt`` (the built-in ones do); otherwise it is called once per distinct step.
 
     Raises:
         ValueError: the discretization is not of that form.
     """
-    return _linear_coefficients(lambda x, t: sde.discretize(x, t, dt), sde, times, "discretize")
+    if dt is None or isinstance(dt, (int, float)):
+        return _linear_coefficients(lambda x, t: sde.discretize(x, t, dt), sde, times, "discretize")
+    steps = [float(d) for d in dt]
+    if len(steps) != len(times):
+        raise ValueError(f"dt must be one number or one per time; got {len(steps)} steps for {len(times)} times.")
+    column = torch.tensor(steps, dtype=torch.float64)[:, None]
+    try:
+        return _linear_coefficients(lambda x, t: sde.discretize(x, t, column), sde, times, "discretize")
+    except (TypeError, ValueError, RuntimeError):  # a discretize that takes only a number: one call per step
+        pass
+    # Steps that agree to 12 significant digits (those of a uniform grid differ by float rounding only) share one
+    # call, with the first one's step.
+    groups: dict[str, list[int]] = {}
+    for i, step in enumerate(steps):
+        groups.setdefault(f"{step:.12g}", []).append(i)
+    drifts, scales = [0.0] * len(times), [0.0] * len(times)
+    for members in groups.values():
+        a, g = linear_discretization(sde, [times[i] for i in members], steps[members[0]])
+        for i, a_i, g_i in zip(members, a, g):
+            drifts[i], scales[i] = a_i, g_i
+    return drifts, scales

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -13,6 +14,7 @@ from sdekit.scheduler import SDEScheduler
 
 from .correctors import CORRECTORS, NORMS, ald_step_size, langevin_alpha, langevin_step_size, langevin_update
 from .predictors import (
+    ANCESTRAL_VARIANCES,
     PREDICTORS,
     AffineUpdate,
     ancestral_ve,
@@ -30,7 +32,7 @@ class _Evaluation:
 
     A predictor evaluation has its ``update``; a corrector evaluation has none, and takes the step size
     ``corrector_step`` (``ald``) or, when that is ``None``, one from the norms with ``corrector_alpha``.
-    ``add_noise`` is False only for the last evaluation with ``denoise_final``.
+    ``denoise`` marks the last evaluation with ``denoise_final``: it returns the model's ``x_0`` estimate.
     """
 
     t: float
@@ -39,7 +41,7 @@ class _Evaluation:
     update: AffineUpdate | None = None
     corrector_alpha: float = 1.0
     corrector_step: float | None = None
-    add_noise: bool = True
+    denoise: bool = False
 
 
 class PCScheduler(SDEScheduler):
@@ -47,14 +49,17 @@ class PCScheduler(SDEScheduler):
 
     Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole, "Score-Based Generative Modeling through Stochastic
     Differential Equations", ICLR 2021 (score-SDE), section 4.2 and Algorithms 2 and 3. At each noise level
-    ``t_i`` (from ``T`` down to ``sampling_eps``) the sampler runs ``corrector_steps`` corrector (Langevin MCMC)
-    steps, then one predictor step of a reverse-SDE solver from ``t_i`` to ``t_{i+1}``, all with the model
-    evaluated at ``t_i``: the order of the score-SDE reference code. Each evaluation is one ``step()``, so
-    ``timesteps`` repeats every level ``corrector_steps + 1`` times (in the model's units) and the scheduler
-    keeps the phase itself. The last level's predictor step goes to ``min(0, t_last - T / (N - 1))``: the data
-    end of the SDE, and at least one training step down (on a DDPM table, whose last level is entry 0 at
-    ``t = 0``, that is the virtual clean entry, so the step is DDPM's last step; for VE it reaches
-    ``sigma = 0``, as the reference code's and diffusers' ``ScoreSdeVeScheduler``'s last step do).
+    ``t_i`` the sampler runs ``corrector_steps`` corrector (Langevin MCMC) steps, then one predictor step of a
+    reverse-SDE solver from ``t_i`` to ``t_{i+1}``, all with the model evaluated at ``t_i``: the order of the
+    score-SDE reference code. Each evaluation is one ``step()``, so ``timesteps`` repeats every level
+    ``corrector_steps + 1`` times (in the model's units) and the scheduler keeps the phase itself.
+
+    ``set_timesteps(n)`` lays ``n + 1`` points from ``T`` to ``sampling_eps`` on ``time_grid`` and evaluates the
+    model at the first ``n``: no evaluation is spent at the data end. With ``denoise_final`` (default) the last
+    level's step lands on the data end itself, as the model's ``x_0`` estimate (Tweedie's formula) without noise,
+    for every predictor; without it, the last step is an ordinary predictor step onto ``sampling_eps``. Levels
+    given as ``timesteps=`` are all evaluated; without ``denoise_final`` the last one then steps to the data end
+    with noise (``min(0, t_last - T / (N - 1))``: on a DDPM table the virtual clean entry, for VE ``sigma = 0``).
 
     The predictors and correctors need ``f``, ``g`` and the SDE's discretization as numbers: this sampler
     supports SDEs whose drift is linear in ``x`` (VE, VP, sub-VP and any plugin SDE of that form) and raises
@@ -66,15 +71,23 @@ class PCScheduler(SDEScheduler):
             sampling for a variance-exploding SDE such as ``ve``, DDPM's for a variance-preserving one such as
             ``vp``; appendix F and eq. 4) or ``none``.
         corrector: ``langevin`` (default; step size from ``snr`` and the norms of the score and the noise,
-            Algorithms 4 and 5), ``ald`` (annealed Langevin dynamics, NCSN: step size ``2 alpha (snr sigma(t))^2``)
-            or ``none``.
+            Algorithms 4 and 5, with ``alpha`` from the grid's actual step), ``ald`` (annealed Langevin dynamics,
+            NCSN: step size ``2 alpha (snr sigma(t))^2``) or ``none``.
         corrector_steps: corrector steps per noise level, default 1 (``M`` in the paper; a ``ScoreSdeVeScheduler``
             config's ``correct_steps``).
         snr: the corrector's signal-to-noise ratio ``r``, > 0; default 0.16 (the paper's value for VE SDEs).
-        denoise_final: the last evaluation returns its update's mean, without noise (the reference code's
-            ``noise_removal``); default True.
+        denoise_final: the last evaluation returns the model's ``x_0`` estimate, without noise (the reference
+            code's ``noise_removal``, taken to the data end); default True.
         norm: ``per_sample`` (default: the Langevin step size of a sample uses that sample's norms only, so a
             sample never depends on its batch-mates) or ``batch`` (the reference code's batch-averaged norms).
+        ancestral_variance: the ``ancestral`` predictor's noise: ``beta_tilde`` (default; the posterior variance,
+            diffusers' ``DDPMScheduler`` default ``fixed_small``) or ``beta`` (the forward step's, ``fixed_large``).
+        time_grid: where ``set_timesteps(n)`` puts the levels: ``uniform`` in ``t``, ``logsnr`` (uniform in log
+            signal-to-noise ratio) or ``karras`` (Karras et al. 2022, eq. 5) (:mod:`sdekit.grids`); ``None``
+            (default) is pc's choice, ``uniform``: the stochastic predictors do best on it at 10 and 20 model calls
+            (``docs/benchmarks.md``), as their noise washes out early errors and log-spaced grids make the
+            high-noise steps too long for them (Euler-Maruyama diverges there).
+        rho: the ``karras`` grid's exponent, > 0; default 7.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, sigma_min, sigma_max, sde,
             sde_params, sampling_eps, prediction_type, time_input, clip_sample, clip_sample_range, check_finite:
             the shared configuration of :class:`sdekit.SDEScheduler`.
@@ -104,8 +117,12 @@ class PCScheduler(SDEScheduler):
         snr: float = 0.16,
         denoise_final: bool = True,
         norm: str = "per_sample",
+        ancestral_variance: str = "beta_tilde",
+        time_grid: str | None = None,
+        rho: float = 7.0,
     ) -> None:
         check_choice("predictor", predictor, PREDICTORS)
+        check_choice("ancestral_variance", ancestral_variance, ANCESTRAL_VARIANCES)
         check_choice("corrector", corrector, CORRECTORS)
         check_choice("norm", norm, NORMS)
         if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
@@ -125,57 +142,70 @@ class PCScheduler(SDEScheduler):
                 "neither. Use predictor='reverse_diffusion' or 'euler_maruyama'."
             )
         self._evaluations: list[_Evaluation] = []
+        self._end: float | None = None
 
     @staticmethod
     def _num_corrections(corrector: str, corrector_steps: int) -> int:
         return 0 if corrector == "none" else corrector_steps
 
-    def _predictor_updates(self, times: list[float], steps: list[float], sigmas: list[float]) -> list[AffineUpdate]:
-        """The predictor's update at each level ``times[i]`` with step ``steps[i]``.
+    def spaced_times(self, num_inference_steps: int) -> list[float]:
+        """The first ``num_inference_steps`` of ``num_inference_steps + 1`` points on ``time_grid`` from ``T`` to
+        ``sampling_eps``; the last point is where the last step lands, never evaluated."""
+        self.check_num_inference_steps(num_inference_steps)
+        points = self.grid_times(num_inference_steps + 1)
+        self._end = points[-1]
+        return points[:-1]
 
-        Levels whose steps agree to 12 significant digits (those of a uniform grid differ by float rounding only)
-        share one SDE call, with the first one's step.
-        """
-        groups: dict[str, list[int]] = {}
-        for i, dt in enumerate(steps):
-            groups.setdefault(f"{dt:.12g}", []).append(i)
-        updates: dict[int, AffineUpdate] = {}
-        for members in groups.values():
-            level_times, dt = [times[i] for i in members], steps[members[0]]
-            if self.config.predictor == "reverse_diffusion":
-                group = reverse_diffusion(self.sde, level_times, dt)
-            elif self.config.predictor == "euler_maruyama":
-                group = euler_maruyama(self.sde, level_times, dt)
-            elif self.sde.is_variance_exploding():
-                group = ancestral_ve(self.sde, level_times, dt, [sigmas[i] for i in members])
-            else:
-                group = ancestral_vp(self.sde, level_times, dt)
-            updates.update(zip(members, group))
-        return [updates[i] for i in range(len(times))]
+    def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+        """The levels given, all evaluated; the last step goes on to the data end."""
+        self._end = None
+        return super().custom_times(timesteps)
+
+    def _data_end(self, t_last: float) -> float:
+        """The time of the data end below ``t_last``: at least one training step down, and at most 0."""
+        return min(0.0, t_last - self.sde.T / max(self.sde.N - 1, 1))
+
+    def _predictor_updates(
+        self, times: list[float], steps: list[float], coeffs: list[tuple[float, float]], ends: list[tuple[float, float]]
+    ) -> list[AffineUpdate]:
+        """The predictor's update at each level ``times[i]`` with step ``steps[i]``, landing where the kernel has
+        scale and std ``ends[i]`` (``coeffs[i]`` at the level itself)."""
+        c = self.config
+        if c.predictor == "reverse_diffusion":
+            return reverse_diffusion(self.sde, times, steps)
+        if c.predictor == "euler_maruyama":
+            return euler_maruyama(self.sde, times, steps)
+        alphas, sigmas = zip(*coeffs)
+        next_alphas, next_sigmas = zip(*ends)
+        if self.sde.is_variance_exploding():
+            return ancestral_ve(sigmas, next_sigmas, c.ancestral_variance)
+        return ancestral_vp(alphas, sigmas, next_alphas, next_sigmas, c.ancestral_variance)
 
     def plan_evaluations(self, times: list[float]) -> list[float]:
         c = self.config
         corrections = self._num_corrections(c.corrector, c.corrector_steps)
-        alphas, sigmas = (v.tolist() for v in self.sde.marginal_coeffs(torch.tensor(times, dtype=torch.float64)))
-        predicts = c.predictor != "none"
-        if predicts:
-            # Each step goes to the next level, dt = t_i - t_{i+1}; the last one to the data end of the SDE, at
-            # least one training step down (see the class docstring).
-            last = min(0.0, times[-1] - self.sde.T / max(self.sde.N - 1, 1))
-            steps = [t - t_next for t, t_next in zip(times, times[1:] + [last])]
-            updates = self._predictor_updates(times, steps, sigmas)
+        alphas, sigmas = self.sde.marginal_coeffs(torch.tensor(times, dtype=torch.float64))
+        coeffs = list(zip(alphas.tolist(), sigmas.tolist()))
+        # Each level steps to the next one; the last to the grid's end (sampling_eps), or for levels given as
+        # timesteps to the data end, where the kernel is (alpha, sigma) = (1, 0).
+        end = self._end if self._end is not None else self._data_end(times[-1])
+        steps = [t - t_next for t, t_next in zip(times, times[1:] + [end])]
+        ends = coeffs[1:] + [self.kernel_coeffs(end) if self._end is not None else (1.0, 0.0)]
+        if c.predictor != "none":
+            updates = self._predictor_updates(times, steps, coeffs, ends)
         if corrections:
-            corrector_alphas = langevin_alpha(self.sde, times)
+            # alpha of Algorithm 5 from the step the predictor takes next (see langevin_alpha).
+            corrector_alphas = langevin_alpha(self.sde, times, steps)
         evaluations = []
-        for i, (t, alpha, sigma) in enumerate(zip(times, alphas, sigmas)):
+        for i, (t, (alpha, sigma)) in enumerate(zip(times, coeffs)):
             if corrections:
                 step = ald_step_size(c.snr, sigma, corrector_alphas[i]) if c.corrector == "ald" else None
                 corrector = _Evaluation(t, alpha, sigma, corrector_alpha=corrector_alphas[i], corrector_step=step)
                 evaluations += [corrector] * corrections
-            if predicts:
+            if c.predictor != "none":
                 evaluations.append(_Evaluation(t, alpha, sigma, update=updates[i]))
         if c.denoise_final:
-            evaluations[-1] = replace(evaluations[-1], add_noise=False)
+            evaluations[-1] = replace(evaluations[-1], denoise=True)
         self._evaluations = evaluations
         return [e.t for e in evaluations]
 
@@ -190,14 +220,15 @@ class PCScheduler(SDEScheduler):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         e = self._evaluations[index]
         x0, eps = self.x0_and_eps(model_output, sample, e.alpha, e.sigma, use_clipped_model_output)
+        if e.denoise:
+            # The step onto the data end: Tweedie's E[x_0 | x_t], no noise.
+            return x0, x0
         x = sample.to(eps.dtype)
         score = compose_model_output(x0, eps, e.alpha, e.sigma, "score")
-        if e.update is not None:
-            noise = self.noise_like(sample, generator) if e.add_noise else None
-            return e.update.apply(x, score, noise), x0
-        # A corrector draws its noise even when it drops it: the Langevin step size needs ||z||.
         noise = self.noise_like(sample, generator)
+        if e.update is not None:
+            return e.update.apply(x, score, noise), x0
         step = e.corrector_step
         if step is None:
             step = langevin_step_size(score, noise, self.config.snr, e.corrector_alpha, self.config.norm)
-        return langevin_update(x, score, noise, step, e.add_noise), x0
+        return langevin_update(x, score, noise, step), x0

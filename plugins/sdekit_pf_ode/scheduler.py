@@ -1,4 +1,4 @@
-"""The probability-flow ODE sampler (score-SDE eq. 13) with fixed-step Euler and Heun solvers.
+"""The probability-flow ODE sampler (score-SDE eq. 13) with fixed-step Euler, Heun and Adams-Bashforth 2 solvers.
 
 Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole, "Score-Based Generative Modeling through Stochastic
 Differential Equations", ICLR 2021 (below: "score-SDE"). Every SDE here has a linear drift ``f(t) x`` and the
@@ -10,14 +10,17 @@ as in score-SDE appendix B). With ``score = -eps / sigma``, the probability-flow
     dy / ds = eps(x, t)
 
 (Song, Meng & Ermon 2021, DDIM eq. 14; Karras, Aittala, Aila & Laine 2022, eq. 4 with their ``s(t) = alpha``).
-The solvers step this form on the noise levels the base class gives: the same trajectories as eq. 13 in ``t``,
-with a discretization error that vanishes for data concentrated at a point. Euler in this form is DDIM with
-``eta = 0``; Heun is Karras et al.'s Algorithm 1.
+The solvers step this form on the noise levels of the chosen time grid (:mod:`sdekit.grids`): the same
+trajectories as eq. 13 in ``t``, with a discretization error that vanishes for data concentrated at a point. Euler
+in this form is DDIM with ``eta = 0``; Heun is Karras et al.'s Algorithm 1; ``ab2`` is the two-step
+Adams-Bashforth method on the same equation (Hairer, Norsett & Wanner, "Solving Ordinary Differential Equations I",
+section III.1, with variable steps), one model call per step like DPM-Solver++(2M) but in ``(y, s)``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -28,10 +31,10 @@ from sdekit.sde import SDE, linear_coefficients
 
 __all__ = ["SOLVERS", "ProbabilityFlowScheduler"]
 
-SOLVERS = ("euler", "heun")
+SOLVERS = ("euler", "heun", "ab2")
 
 # What each evaluation does (see ProbabilityFlowScheduler.plan_evaluations).
-_EULER, _PREDICT, _CORRECT, _DENOISE = "euler", "predict", "correct", "denoise"
+_EULER, _PREDICT, _CORRECT, _AB2, _DENOISE = "euler", "predict", "correct", "ab2", "denoise"
 
 
 def _check_linear_drift(sde: SDE, name: str) -> None:
@@ -53,33 +56,44 @@ class ProbabilityFlowScheduler(SDEScheduler):
     eq. 13: ``dx = [f(x, t) - g(t)^2 score(x, t) / 2] dt`` carries the prior at ``t = T`` to the data, with no
     noise. The ODE is stepped in the scaled variables ``y = x / alpha(t)``, ``s = sigma(t) / alpha(t)``, where it
     reads ``dy/ds = eps`` (DDIM, Song, Meng & Ermon 2021, eq. 14; Karras et al. 2022, eq. 4); Euler on this form
-    is DDIM with ``eta = 0``, Heun is Karras et al.'s Algorithm 1. Both converge to the exact ODE solution, with
-    order 1 and 2 respectively.
+    is DDIM with ``eta = 0``, Heun is Karras et al.'s Algorithm 1, ``ab2`` the two-step Adams-Bashforth method
+    (``y_{k+1} = y_k + h_k ((1 + r / 2) eps_k - (r / 2) eps_{k-1})``, ``r = h_k / h_{k-1}``; its first step is
+    Euler's). They converge to the exact ODE solution with order 1, 2 and 2.
 
-    ``set_timesteps(n)`` takes the ``n`` noise levels from ``T`` down to ``sampling_eps``; the solver integrates
-    the ODE across their ``n - 1`` intervals and, with ``denoise_final``, takes one more evaluation at
-    ``sampling_eps`` and returns its ``x_0`` estimate (Tweedie's formula; the score-SDE reference code's
-    ``denoise`` option, and the Euler step to ``s = 0``). Model evaluations (``len(timesteps)``):
+    ``set_timesteps(n)`` lays ``n + 1`` points from ``T`` to ``sampling_eps`` on ``time_grid`` and takes ``n``
+    steps between them. With ``denoise_final`` (default) the last step goes from the ``n``-th level straight to the
+    data end, ``s = 0``: an Euler step there is the model's ``x_0`` estimate (Tweedie's formula; the score-SDE
+    reference code's ``denoise`` option, as Karras et al.'s last step), so no evaluation is spent at
+    ``sampling_eps``. Without it the ODE is integrated to ``sampling_eps`` and its state there returned. Levels
+    given as ``timesteps=`` are visited in order; the last one is where the ODE stops without ``denoise_final``,
+    and is evaluated for the ``x_0`` estimate with it. Model evaluations (``len(timesteps)``) for
+    ``set_timesteps(n)``:
 
-    ============  ==================  ===================
-    solver        denoise_final=True  denoise_final=False
-    ============  ==================  ===================
-    ``euler``     ``n``               ``n - 1``
-    ``heun``      ``2 n - 1``         ``2 n - 2``
-    ============  ==================  ===================
+    =================  ==================  ===================
+    solver             denoise_final=True  denoise_final=False
+    =================  ==================  ===================
+    ``euler``, ``ab2``  ``n``               ``n``
+    ``heun``           ``2 n - 1``         ``2 n``
+    =================  ==================  ===================
 
     Heun evaluates twice per interval: at the interval's start (Euler predictor) and at its end (trapezoidal
     corrector), so ``timesteps`` lists the inner levels twice and ``order = 2``, as diffusers'
     ``HeunDiscreteScheduler``: evaluation ``2 k`` starts interval ``k``, which keeps diffusers' img2img
     pipelines (``timesteps[t_start * order:]``) working.
 
+    ``ab2`` keeps the previous evaluation's ``eps``; started part-way (``set_begin_index``) its first step is Euler's.
     Sampling is deterministic: ``step()`` accepts ``generator`` and ignores it.
 
     Args:
-        solver: ``heun`` (default; second order, two evaluations per interval) or ``euler`` (first order, one).
-        denoise_final: end with the ``x_0`` estimate at ``sampling_eps`` (one extra evaluation); default True.
-            With False the output is the ODE's state at ``sampling_eps`` and ``num_inference_steps`` must be
-            at least 2.
+        solver: ``heun`` (default; second order, two evaluations per interval), ``ab2`` (second order, one
+            evaluation per interval: Adams-Bashforth 2) or ``euler`` (first order, one).
+        denoise_final: end with the ``x_0`` estimate from the last level (the step to the data end); default True.
+            With False the output is the ODE's state at ``sampling_eps``.
+        time_grid: where ``set_timesteps(n)`` puts the levels: ``uniform`` in ``t``, ``logsnr`` (uniform in log
+            signal-to-noise ratio) or ``karras`` (Karras et al. 2022, eq. 5) (:mod:`sdekit.grids`); ``None``
+            (default) takes the solver's: ``uniform`` for ``heun``, ``karras`` for ``ab2`` and ``euler``
+            (:meth:`default_time_grid`).
+        rho: the ``karras`` grid's exponent, > 0; default 7.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, sigma_min, sigma_max, sde,
             sde_params, sampling_eps, prediction_type, time_input, clip_sample, clip_sample_range, check_finite:
             the shared configuration of :class:`sdekit.SDEScheduler`. With
@@ -107,6 +121,8 @@ class ProbabilityFlowScheduler(SDEScheduler):
         check_finite: bool = False,
         solver: str = "heun",
         denoise_final: bool = True,
+        time_grid: str | None = None,
+        rho: float = 7.0,
     ) -> None:
         check_choice("solver", solver, SOLVERS)
         if not isinstance(denoise_final, bool):
@@ -117,20 +133,52 @@ class ProbabilityFlowScheduler(SDEScheduler):
         self._phases: list[str] = []
         self._alphas: list[float] = []
         self._sigmas: list[float] = []
-        self._steps: list[tuple[float, float]] = []
+        self._steps: list[tuple[float, ...]] = []
         self._start: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._previous_eps: torch.Tensor | None = None
+        self._end: float | None = None
+
+    def default_time_grid(self) -> str:
+        """The solver's grid: ``uniform`` for ``heun``, ``karras`` for ``ab2`` and ``euler``.
+
+        Heun's corrector evaluates the model at the end of each interval, ``s'``, at the point the Euler predictor
+        reached; ``eps`` there moves with that point by up to ``1 / s'`` per unit, and the correction is weighted
+        by the interval's length, about ``s``: an interval whose noise level falls by a large factor ``s / s'``
+        magnifies the predictor's error by up to that factor. Log-spaced grids with few levels take such steps
+        where the data's structure appears, and Heun there is erratic (below about 20 calls on the oracle); the
+        uniform grid in ``t`` keeps the factor near the data end small. Euler and the multistep ``ab2`` evaluate
+        only on the solution and gain from Karras et al.'s grid at every budget measured.
+        ``docs/benchmarks.md`` has the numbers.
+        """
+        return "uniform" if self.config.solver == "heun" else "karras"
+
+    def spaced_times(self, num_inference_steps: int) -> list[float]:
+        """The first ``num_inference_steps`` of ``num_inference_steps + 1`` points on ``time_grid`` from ``T`` to
+        ``sampling_eps``; the last point is where the ODE stops without ``denoise_final``."""
+        self.check_num_inference_steps(num_inference_steps)
+        points = self.grid_times(num_inference_steps + 1)
+        self._end = points[-1]
+        return points[:-1]
+
+    def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+        """The levels given, in order (see the class docstring for the last one)."""
+        self._end = None
+        return super().custom_times(timesteps)
 
     def plan_evaluations(self, times: list[float]) -> list[float]:
         """Lay out the evaluations for the levels ``times`` and precompute their coefficients."""
-        heun = self.config.solver == "heun"
+        solver = self.config.solver
         denoise = self.config.denoise_final
-        if not denoise and len(times) < 2:
+        # The points the ODE is integrated through, all with sigma > 0; with denoise_final a last Euler step goes
+        # from the final one to s = 0.
+        nodes = list(times) if denoise or self._end is None else [*times, self._end]
+        if len(nodes) < 2 and not denoise:
             raise ValueError(
-                f"num_inference_steps={len(times)} leaves no interval to integrate with denoise_final=False; use "
-                "at least 2 noise levels, or denoise_final=True."
+                f"timesteps of {len(times)} level leave no interval to integrate with denoise_final=False; give at "
+                "least 2 levels, or use denoise_final=True."
             )
-        coeffs = [self.kernel_coeffs(t) for t in times]
-        for t, (_, sigma) in zip(times, coeffs):
+        coeffs = [self.kernel_coeffs(t) for t in nodes]
+        for t, (_, sigma) in zip(nodes, coeffs):
             if not sigma > 0:
                 raise ValueError(
                     f"the SDE's noise level sigma(t) is {sigma} at t={t}; the probability-flow sampler needs "
@@ -139,25 +187,33 @@ class ProbabilityFlowScheduler(SDEScheduler):
         eval_times: list[float] = []
         self._phases, self._alphas, self._sigmas, self._steps = [], [], [], []
 
-        def add(phase: str, k: int, step: tuple[float, float]) -> None:
-            eval_times.append(times[k])
+        def add(phase: str, k: int, step: tuple[float, ...]) -> None:
+            eval_times.append(nodes[k])
             self._phases.append(phase)
             self._alphas.append(coeffs[k][0])
             self._sigmas.append(coeffs[k][1])
             self._steps.append(step)
 
-        for k in range(len(times) - 1):
+        previous_h = math.nan
+        for k in range(len(nodes) - 1):
             (alpha, sigma), (alpha_next, sigma_next) = coeffs[k], coeffs[k + 1]
-            # y -> y + (s' - s) eps in x = alpha y: x' = (alpha' / alpha) x + (sigma' - alpha' sigma / alpha) eps.
-            step = (alpha_next / alpha, sigma_next - alpha_next * sigma / alpha)
-            if heun:
+            # y -> y + h eps with h = s' - s, in x = alpha y: x' = (alpha' / alpha) x + alpha' h eps.
+            h = sigma_next / alpha_next - sigma / alpha
+            step = (alpha_next / alpha, alpha_next * h)
+            if solver == "heun":
                 add(_PREDICT, k, step)
                 add(_CORRECT, k + 1, step)
+            elif solver == "ab2":
+                # Variable-step Adams-Bashforth 2: eps weighted (1 + r / 2) now and -r / 2 one step back.
+                r = h / previous_h
+                add(_AB2, k, (*step, 1.0 + 0.5 * r, -0.5 * r))
             else:
                 add(_EULER, k, step)
+            previous_h = h
         if denoise:
-            add(_DENOISE, len(times) - 1, (math.nan, math.nan))
+            add(_DENOISE, len(nodes) - 1, (math.nan, math.nan))
         self._start = None
+        self._previous_eps = None
         return eval_times
 
     def update(
@@ -174,10 +230,16 @@ class ProbabilityFlowScheduler(SDEScheduler):
         x0, eps = self.x0_and_eps(model_output, sample, self._alphas[index], self._sigmas[index], True)
         if phase == _DENOISE:
             return x0, x0
-        a, b = self._steps[index]
+        a, b = self._steps[index][:2]
         x = sample.to(eps.dtype)
         if phase == _EULER:
             return a * x + b * eps, x0
+        if phase == _AB2:
+            previous, self._previous_eps = self._previous_eps, eps
+            if previous is None:  # the first step (or the first after set_begin_index): Euler
+                return a * x + b * eps, x0
+            now, before = self._steps[index][2:]
+            return a * x + b * (now * eps + before * previous), x0
         if phase == _PREDICT:
             self._start = (x, eps)
             return a * x + b * eps, x0
