@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up sdekit's environment and run a job in it.
 #   ./dev.sh demo    the main job: train the embedded default briefly, sample it with every built-in sampler
-#   ./dev.sh test    the test suite (what CI runs)
+#   ./dev.sh test    the test suite (what CI runs), the separately packaged plugins/sdekit-dpm-solver's included
 # The environment is .venv (or $SDEKIT_VENV). Where it has no torch, the pinned CPU build is installed
 # ($SDEKIT_TORCH, default torch==2.13.0); an existing torch is kept.
 set -euo pipefail
@@ -22,11 +22,14 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   "$py" -m pip install --quiet "${SDEKIT_TORCH:-torch==2.13.0}"
 fi
 
-# Reinstall only when the packaging changed since the last install.
+# Reinstall only when the packaging changed since the last install. The plugin packaged on its own
+# (plugins/sdekit-dpm-solver) is installed too, so that the test suite runs its tests with sdekit's.
 stamp="$venv/.sdekit-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+plugin=plugins/sdekit-dpm-solver
+want="$(cat pyproject.toml "$plugin/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$py" -m pip install --quiet -e ".[test]"
+  "$py" -m pip install --quiet -e "$plugin"
   echo "$want" > "$stamp"
 fi
 

@@ -14,6 +14,9 @@ A plugin that fails to import, does not satisfy its protocol, targets another sd
 invalid name is skipped with a :class:`PluginWarning` naming the plugin, its distribution and the reason; every
 other plugin keeps working. ``sdekit plugins`` (or :func:`list_plugins`) shows the status of each one.
 
+The environment variable :data:`DISABLE_ENV` (``SDEKIT_DISABLE_PLUGINS``) turns third-party plugins off for
+debugging, all of them or those it names, without importing them (:func:`disabled_plugins`).
+
 When several distributions register the same name, one of them wins (see :func:`list_plugins`); the others
 stay reachable through the qualified form ``"distribution:name"``.
 """
@@ -24,6 +27,7 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
+import os
 import re
 import threading
 import warnings
@@ -38,6 +42,7 @@ from .sde import SDE
 
 __all__ = [
     "API_VERSION",
+    "DISABLE_ENV",
     "ENTRY_POINT_GROUPS",
     "PLUGIN_NAME_PATTERN",
     "InvalidPluginError",
@@ -48,6 +53,7 @@ __all__ = [
     "PluginWarning",
     "UnknownPluginError",
     "check_sde_instance",
+    "disabled_plugins",
     "get_sampler_class",
     "get_sde",
     "get_sde_class",
@@ -64,7 +70,7 @@ API_VERSION: int = 2
 and made :class:`sdekit.SDEScheduler`'s extension API public (``setup``, ``plan_evaluations``, ``update``, ...)."""
 
 PluginKind = Literal["sde", "sampler"]
-PluginStatus = Literal["ok", "shadowed", "bad-name", "import-error", "protocol-error", "incompatible"]
+PluginStatus = Literal["ok", "shadowed", "disabled", "bad-name", "import-error", "protocol-error", "incompatible"]
 
 ENTRY_POINT_GROUPS: dict[str, str] = {"sde": "sdekit.sdes", "sampler": "sdekit.samplers"}
 """Plugin kind -> entry-point group."""
@@ -84,6 +90,16 @@ SDE_DECLARATIONS = (
 )
 """What an SDE declares about itself (see :class:`sdekit.sde.SDE`); a subclass of ``SDE`` inherits defaults."""
 SAMPLER_METHODS = ("set_timesteps", "step", "scale_model_input", "add_noise")
+
+DISABLE_ENV = "SDEKIT_DISABLE_PLUGINS"
+"""The environment variable that turns third-party plugins off: ``1`` (or ``all``, ``true``, ``yes``, ``*``) for all
+of them, or a comma- or space-separated list of plugin names (``dpm-solver``), qualified names
+(``sdekit-dpm-solver:dpm-solver``) or distribution names (``sdekit-dpm-solver``). Empty, ``0``, ``false``, ``no`` or
+``off``: none. sdekit's own plugins are never turned off. Read at discovery (the first request, or
+:func:`refresh_plugins`)."""
+
+_DISABLE_ALL = frozenset({"1", "all", "true", "yes", "*"})
+_DISABLE_NONE = frozenset({"", "0", "false", "no", "off"})
 
 _BUILTIN_DISTRIBUTION = "sdekit"
 _KIND_LABELS = {"sde": "SDE", "sampler": "sampler"}
@@ -145,9 +161,9 @@ class PluginInfo:
         distribution: the name of the installed distribution that registers it.
         version: that distribution's version.
         status: ``"ok"`` (usable under ``name``), ``"shadowed"`` (usable, but another distribution's plugin
-            of the same name wins; reach this one as ``"distribution:name"``), or why it is skipped:
-            ``"bad-name"``, ``"import-error"``, ``"protocol-error"``, ``"incompatible"`` (declares another
-            sdekit API version).
+            of the same name wins; reach this one as ``"distribution:name"``), ``"disabled"`` (turned off by
+            :data:`DISABLE_ENV`, not imported), or why it is skipped: ``"bad-name"``, ``"import-error"``,
+            ``"protocol-error"``, ``"incompatible"`` (declares another sdekit API version).
         reason: explanation of any status other than ``"ok"``, else ``None``.
         entry_point: the entry point's value, ``"module:attribute"``.
         api_version: the ``sdekit_api_version`` the plugin declares, or ``None`` (undeclared, or not loaded).
@@ -178,6 +194,7 @@ class _Entry:
     version: str
     entry_point: importlib.metadata.EntryPoint
     name_error: str | None = None
+    disabled_by: str | None = None
     shadowed_by: str | None = None
     loaded: bool = False
     obj: Any = None
@@ -197,6 +214,8 @@ class _Entry:
         reason = None
         if self.name_error is not None:
             status, reason = "bad-name", self.name_error
+        elif self.disabled_by is not None:
+            status, reason = "disabled", self.disabled_by
         elif self.failure is not None:
             status, reason = self.failure.status, self.failure.reason
         elif self.shadowed_by is not None:
@@ -260,6 +279,36 @@ def _scan_metadata() -> list[_Entry]:
     return entries
 
 
+def disabled_plugins() -> frozenset[str] | None:
+    """What :data:`DISABLE_ENV` turns off: ``None`` for nothing, an empty set for every third-party plugin, else the
+    names it lists (plugin, ``distribution:name`` or distribution names; distribution names normalized)."""
+    value = os.environ.get(DISABLE_ENV, "").strip()
+    if value.lower() in _DISABLE_NONE:
+        return None
+    if value.lower() in _DISABLE_ALL:
+        return frozenset()
+    tokens = set()
+    for token in re.split(r"[\s,]+", value):
+        distribution, sep, name = token.rpartition(":")
+        if token:
+            tokens.add(f"{_normalize_distribution(distribution)}:{name}" if sep else token)
+            tokens.add(_normalize_distribution(token))
+    return frozenset(tokens)
+
+
+def _disable_reason(entry: _Entry, disabled: frozenset[str] | None) -> str | None:
+    """Why ``entry`` is turned off by :data:`DISABLE_ENV`, or ``None`` (built-ins are never turned off)."""
+    if disabled is None or entry.key == _BUILTIN_DISTRIBUTION:
+        return None
+    setting = f"{DISABLE_ENV}={os.environ.get(DISABLE_ENV, '').strip()}"
+    if not disabled:
+        return f"turned off by {setting} (every third-party plugin); unset it to use the plugin"
+    for token in (entry.name, f"{entry.key}:{entry.name}", entry.key):
+        if token in disabled:
+            return f"turned off by {setting} (it names {token!r}); remove that to use the plugin"
+    return None
+
+
 def _precedence(entry: _Entry) -> tuple[bool, str]:
     """Sort key among plugins sharing a name: sdekit's built-ins first, then distributions alphabetically."""
     return (entry.key != _BUILTIN_DISTRIBUTION, entry.key)
@@ -268,8 +317,12 @@ def _precedence(entry: _Entry) -> tuple[bool, str]:
 def _discover() -> list[_Entry]:
     """Scan metadata, flag invalid names and resolve duplicate names, warning about both."""
     entries = _scan_metadata()
+    disabled = disabled_plugins()
     by_name: dict[tuple[str, str], list[_Entry]] = {}
     for entry in entries:
+        entry.disabled_by = _disable_reason(entry, disabled)
+        if entry.disabled_by is not None:
+            continue  # not imported, not warned about, and out of the name-clash resolution
         if PLUGIN_NAME_PATTERN.match(entry.name) is None:
             entry.name_error = (
                 f"invalid plugin name {entry.name!r}: names are lower-case letters and digits in words joined "
@@ -426,7 +479,7 @@ def list_plugins(kind: str | None = None, refresh: bool = False) -> list[PluginI
     kinds = list(ENTRY_POINT_GROUPS)
     selected = [e for e in _get_entries() if kind is None or e.kind == kind]
     for entry in selected:
-        if entry.name_error is None:
+        if entry.name_error is None and entry.disabled_by is None:
             _load(entry)
     selected.sort(key=lambda e: (kinds.index(e.kind), e.name, e.shadowed_by is not None, e.key))
     return [entry.info() for entry in selected]
@@ -436,7 +489,11 @@ def _available_names(entries: list[_Entry], kind: str, qualified: bool) -> list[
     names = {
         f"{e.distribution}:{e.name}" if qualified else e.name
         for e in entries
-        if e.kind == kind and e.name_error is None and e.failure is None and (qualified or e.shadowed_by is None)
+        if e.kind == kind
+        and e.name_error is None
+        and e.disabled_by is None
+        and e.failure is None
+        and (qualified or e.shadowed_by is None)
     }
     return sorted(names)
 
@@ -452,11 +509,15 @@ def _resolve(name: str, kind: PluginKind) -> Any:
         matches = [e for e in entries if e.kind == kind and e.name == plain and e.key == dist_key]
     else:
         matches = [e for e in entries if e.kind == kind and e.name == name and e.shadowed_by is None]
+        # A turned-off plugin is reported as such rather than as unknown, unless another one serves the name.
+        matches.sort(key=lambda e: e.disabled_by is not None)
     if not matches:
         available = _available_names(entries, kind, qualified=bool(sep))
         closest = difflib.get_close_matches(name, available, n=1)
         raise UnknownPluginError(name, kind, available, closest[0] if closest else None)
     entry = matches[0]
+    if entry.disabled_by is not None:
+        raise InvalidPluginError("disabled", f"the {entry.label} is {entry.disabled_by}")
     if entry.name_error is not None:
         raise InvalidPluginError("bad-name", f"the {entry.label} is skipped: {entry.name_error}")
     _load(entry)

@@ -2,15 +2,22 @@
 
 ``tests/plugin_dist`` (sdekit-testplugins) and ``tests/plugin_dist2`` (sdekit-extra-plugins) are pip-installed
 into a temporary directory once per session; ``plugins_on_path`` puts that directory on ``sys.path`` for one
-test module and takes it off again afterwards.
+test module and takes it off again afterwards. ``tests/plugin_dist3`` (sdekit-sampler-faults: a working sampler
+beside one per way a sampler is skipped) is installed the same way by this module, and put on ``sys.path`` only by
+the tests that ask for it (``faults_on_path``).
+
+Other plugin distributions may be installed in the environment (``sdekit-dpm-solver``): the checks of what is
+listed look at sdekit's own and the test distributions only.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import shutil
+import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,10 +26,12 @@ from diffusers import DDPMScheduler
 
 from sdekit.registry import (
     API_VERSION,
+    DISABLE_ENV,
     InvalidPluginError,
     PluginInfo,
     PluginWarning,
     UnknownPluginError,
+    disabled_plugins,
     get_sampler_class,
     get_sde,
     get_sde_class,
@@ -36,6 +45,9 @@ from sdekit_ddim import DDIMSDEScheduler
 
 TEST_DIST = "sdekit-testplugins"
 EXTRA_DIST = "sdekit-extra-plugins"
+FAULTS_DIST = "sdekit-sampler-faults"
+KNOWN = ("sdekit", TEST_DIST, EXTRA_DIST, FAULTS_DIST)
+"""The distributions these tests know; others installed in the environment are left out of exact checks."""
 
 pytestmark = [
     pytest.mark.usefixtures("plugins_on_path"),
@@ -44,7 +56,7 @@ pytestmark = [
 
 
 def _by_key(infos: list[PluginInfo]) -> dict[tuple[str, str, str], PluginInfo]:
-    return {(info.kind, info.name, info.distribution): info for info in infos}
+    return {(info.kind, info.name, info.distribution): info for info in infos if info.distribution in KNOWN}
 
 
 def test_discovery_lists_builtins_and_test_plugins() -> None:
@@ -268,7 +280,7 @@ def test_refresh_sees_sys_path_changes(plugin_site: Path) -> None:
         refresh_plugins()
         with pytest.raises(UnknownPluginError):
             get_sde("constant-ve")
-        assert {info.distribution for info in list_plugins()} == {"sdekit"}
+        assert {info.distribution for info in list_plugins()} & set(KNOWN) == {"sdekit"}
     finally:
         sys.path.insert(0, str(plugin_site))
         refresh_plugins()
@@ -282,14 +294,18 @@ def test_unknown_name_lists_available_and_closest() -> None:
     err = excinfo.value
     assert isinstance(err, LookupError) and isinstance(err, ValueError)
     assert err.closest == "constant-ve"
-    assert err.available == ["constant-ve", "noise-levels", "subvp", "twin", "ve", "vp"]
+    sdes = sorted(i.name for i in list_plugins(kind="sde") if i.status == "ok")
+    assert {"constant-ve", "noise-levels", "subvp", "twin", "ve", "vp"} <= set(sdes)
+    assert err.available == sdes
     message = str(err)
     assert "Unknown SDE plugin 'constant-vee'. Did you mean 'constant-ve'?" in message
-    assert "Available SDE plugins: constant-ve, noise-levels, subvp, twin, ve, vp." in message
+    assert f"Available SDE plugins: {', '.join(sdes)}." in message
 
     with pytest.raises(UnknownPluginError, match="Did you mean 'euler-flow'") as excinfo:
         load_scheduler("euler-flo")
-    assert excinfo.value.available == ["analytic-dpm", "ddim", "euler-flow", "pc", "pf-ode"]
+    samplers = sorted(i.name for i in list_plugins(kind="sampler") if i.status == "ok")
+    assert {"analytic-dpm", "ddim", "euler-flow", "pc", "pf-ode"} <= set(samplers)
+    assert excinfo.value.available == samplers
     with pytest.raises(UnknownPluginError, match=f"Did you mean '{TEST_DIST}:constant-ve'"):
         get_sde(f"{TEST_DIST}:constant-vee")
     with pytest.raises(UnknownPluginError) as excinfo:
@@ -390,3 +406,167 @@ def test_switching_samplers_keeps_the_other_samplers_settings_quietly(caplog: py
     # A key that no compatible scheduler takes still gets diffusers' warning.
     load_scheduler("ddim", {**pc.config, "no_such_setting": 1})
     assert "{'no_such_setting': 1} were passed to DDIMSDEScheduler" in caplog.text
+
+
+# -- sampler plugins that fail, beside one that works (tests/plugin_dist3) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fault_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sdekit-sampler-faults pip-installed (from a copy: no build files in the source tree) into its own folder."""
+    root = tmp_path_factory.mktemp("sdekit-fault-site")
+    source = shutil.copytree(Path(__file__).parent / "plugin_dist3", root / "src")
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet"]
+    subprocess.run([*pip, "--disable-pip-version-check", "--target", str(root / "site"), str(source)], check=True)
+    return root / "site"
+
+
+@pytest.fixture
+def faults_on_path(fault_site: Path) -> Iterator[Path]:
+    """sdekit-sampler-faults visible for one test, next to the other test distributions."""
+    sys.path.insert(0, str(fault_site))
+    refresh_plugins()
+    yield fault_site
+    sys.path.remove(str(fault_site))
+    for module in [m for m in sys.modules if m.split(".")[0] == "sdekit_sampler_faults"]:
+        del sys.modules[module]
+    refresh_plugins()
+
+
+@pytest.mark.usefixtures("faults_on_path")
+def test_failing_samplers_are_each_reported_and_skipped_while_the_rest_works() -> None:
+    with pytest.warns(PluginWarning) as caught:
+        infos = _by_key(list_plugins(kind="sampler"))
+    messages = [str(w.message) for w in caught]
+    expected = {
+        "raises-at-import": ("import-error", "import failed: RuntimeError: sdekit-sampler-faults: this module fails"),
+        "no-step": ("protocol-error", "NoStepScheduler lacks the sampler protocol method(s) step"),
+        "old-api": ("incompatible", f"OldAPIScheduler declares sdekit_api_version = 1, but this sdekit supports API "
+                                    f"version {API_VERSION}"),
+    }  # fmt: skip
+    for name, (status, reason) in expected.items():
+        info = infos["sampler", name, FAULTS_DIST]
+        assert (info.status, info.version) == (status, "2.0.1") and info.reason.startswith(reason), info
+        # Warned once each, naming the plugin, its distribution and the reason.
+        assert sum(f"'{name}' from distribution '{FAULTS_DIST}' 2.0.1: {reason}" in m for m in messages) == 1
+        with pytest.raises(InvalidPluginError, match=f"'{name}' from distribution '{FAULTS_DIST}'") as excinfo:
+            load_scheduler(name, DDPMScheduler().config)
+        assert excinfo.value.status == status
+    assert infos["sampler", "old-api", FAULTS_DIST].api_version == 1
+    # The working sampler of the same distribution, the other test plugins and the built-ins all work.
+    assert infos["sampler", "flow-steps", FAULTS_DIST].status == "ok"
+    assert infos["sampler", "euler-flow", TEST_DIST].status == "ok"
+    assert {infos["sampler", name, "sdekit"].status for name in ("pc", "pf-ode", "ddim", "analytic-dpm")} == {"ok"}
+    flow = load_scheduler("flow-steps", DDPMScheduler().config)
+    ddim = load_scheduler("ddim", DDPMScheduler().config)
+    names = {cls.__name__ for cls in flow.compatibles}
+    assert "FlowStepScheduler" in names and "DDIMSDEScheduler" in names
+    assert not names & {"NoStepScheduler", "OldAPIScheduler"}
+    # It samples: with the same levels it is DDIM with eta = 0.
+    levels = [999, 700, 400, 100, 0]
+    results = []
+    for scheduler in (flow, ddim):
+        scheduler.set_timesteps(timesteps=levels)
+        x = torch.linspace(-2, 2, 8, dtype=torch.float64).reshape(2, 1, 2, 2)
+        for t in scheduler.timesteps:
+            x = scheduler.step(0.3 * x, t, x).prev_sample
+        results.append(x)
+    torch.testing.assert_close(results[0], results[1])
+
+
+# -- SDEKIT_DISABLE_PLUGINS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disable(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """Set ``SDEKIT_DISABLE_PLUGINS`` (and rediscover) for one test; the registry is rediscovered afterwards."""
+
+    def setting(value: str) -> None:
+        monkeypatch.setenv(DISABLE_ENV, value)
+        refresh_plugins()
+
+    yield setting
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    refresh_plugins()
+
+
+def test_disable_all_third_party_plugins(disable) -> None:
+    for module in [m for m in sys.modules if m.split(".")[0] in ("sdekit_testplugins", "sdekit_extra_plugins")]:
+        del sys.modules[module]
+    disable("1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = _by_key(list_plugins())
+    # Nothing third-party is imported or warned about (not even the broken plugin, nor the name clashes).
+    assert not [w for w in caught if issubclass(w.category, PluginWarning)], [str(w.message) for w in caught]
+    assert not [m for m in sys.modules if m.split(".")[0] in ("sdekit_testplugins", "sdekit_extra_plugins")]
+    third_party = {key: info for key, info in infos.items() if key[2] != "sdekit"}
+    assert third_party and {info.status for info in third_party.values()} == {"disabled"}
+    reason = infos["sde", "constant-ve", TEST_DIST].reason
+    assert reason == f"turned off by {DISABLE_ENV}=1 (every third-party plugin); unset it to use the plugin"
+    assert {info.status for key, info in infos.items() if key[2] == "sdekit"} == {"ok"}
+    with pytest.raises(InvalidPluginError, match=f"'constant-ve' from distribution '{TEST_DIST}' 0.3.1 is turned off"):
+        get_sde("constant-ve")
+    with pytest.raises(InvalidPluginError) as excinfo:
+        get_sde(f"{TEST_DIST}:vp")
+    assert excinfo.value.status == "disabled"
+    # The built-ins work, and "vp" is sdekit's without a clash to report.
+    assert type(get_sde("vp")).__module__.startswith("sdekit_sdes")
+    assert type(load_scheduler("pc", DDPMScheduler().config)).__name__ == "PCScheduler"
+    with pytest.raises(UnknownPluginError) as unknown:
+        get_sde("constant-vee")
+    assert "constant-ve" not in unknown.value.available
+
+
+def test_disable_named_plugins_and_distributions(disable) -> None:
+    # A plugin name, a distribution (any spelling) and a qualified name, comma- or space-separated.
+    disable(f"broken-import, Sdekit_Extra_Plugins  {TEST_DIST}:euler-flow")
+    assert disabled_plugins() >= {"broken-import", "sdekit-extra-plugins", f"{TEST_DIST}:euler-flow"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = _by_key(list_plugins())
+    messages = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
+    assert not any("broken-import" in m for m in messages)
+    assert not any("'twin' is registered by several" in m for m in messages)  # the other twin is off
+    statuses = {key: info.status for key, info in infos.items() if key[2] != "sdekit"}
+    assert statuses[("sde", "broken-import", TEST_DIST)] == "disabled"
+    assert statuses[("sde", "twin", EXTRA_DIST)] == statuses[("sde", "noise-levels", EXTRA_DIST)] == "disabled"
+    assert statuses[("sampler", "euler-flow", TEST_DIST)] == "disabled"
+    assert "it names 'sdekit-extra-plugins'" in infos["sde", "twin", EXTRA_DIST].reason
+    # The rest is as without the switch; the twin of sdekit-testplugins now serves "twin".
+    assert statuses[("sde", "twin", TEST_DIST)] == "ok"
+    assert type(get_sde("twin")).__name__ == "ConstantVESDE"
+    assert statuses[("sde", "constant-ve", TEST_DIST)] == "ok"
+    assert statuses[("sde", "future-sde", TEST_DIST)] == "incompatible"
+    assert statuses[("sde", "vp", TEST_DIST)] == "shadowed"
+    with pytest.raises(InvalidPluginError, match=f"it names '{TEST_DIST}:euler-flow'"):
+        load_scheduler("euler-flow")
+
+
+def test_builtins_are_never_disabled(disable) -> None:
+    disable("vp, sdekit, pc")
+    infos = _by_key(list_plugins())
+    assert infos["sde", "vp", "sdekit"].status == infos["sampler", "pc", "sdekit"].status == "ok"
+    assert infos["sde", "vp", TEST_DIST].status == "disabled"  # the third-party one of that name is
+    assert type(get_sde("vp")).__module__.startswith("sdekit_sdes")
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "No", " off "])
+def test_disable_values_that_turn_nothing_off(disable, value: str) -> None:
+    disable(value)
+    assert disabled_plugins() is None
+    assert "disabled" not in {info.status for info in list_plugins()}
+
+
+def test_disable_is_read_at_discovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    refresh_plugins()
+    list_plugins()
+    monkeypatch.setenv(DISABLE_ENV, "constant-ve")
+    try:
+        assert type(get_sde("constant-ve")).__name__ == "ConstantVESDE"  # cached until refresh_plugins()
+        refresh_plugins()
+        with pytest.raises(InvalidPluginError, match="turned off"):
+            get_sde("constant-ve")
+    finally:
+        monkeypatch.delenv(DISABLE_ENV)
+        refresh_plugins()
