@@ -141,8 +141,8 @@ def encode(
     Args:
         model: called as ``model(x, timestep)`` through :func:`sdekit.models.model_prediction`; it must predict one
             value per input element.
-        x: data, batch first, shape ``(B, ...)``; computed in its compute dtype (float32 for half types) and
-            returned in its dtype.
+        x: data, batch first, shape ``(B, ...)``; moved to the model's device, computed in its compute dtype
+            (float32 for half types) and returned in its dtype; the model gets it in its own dtype.
         scheduler: an sdekit scheduler, or a configuration mapping (built as ``load_scheduler("pf-ode", config)``);
             its SDE, ``prediction_type`` and model time input are used. Its ``clip_sample`` is not applied.
         rtol, atol: the adaptive solver's tolerances (default 1e-5 each); unused with ``num_inference_steps``.
@@ -152,7 +152,7 @@ def encode(
             int ``K`` for ``K`` fixed first-order steps (DDIM inversion for VP-type SDEs; see the module docstring).
 
     Returns:
-        The latents, shape and dtype of ``x``.
+        The latents, shape and dtype of ``x``, on the model's device.
 
     Raises:
         ValueError: a bad option; ``x`` not of shape ``(B, ...)`` or holding NaN/Inf; a model output of another

@@ -52,9 +52,10 @@ class LikelihoodResult:
         nll: negative log-likelihood in nats, shape ``(B,)``; with ``dequantize=True`` the dequantized bound on the
             8-bit data's negative log-probability (see :func:`likelihood`).
         bpd: bits per dimension, ``nll / (D ln 2)`` with ``D`` the values per sample, shape ``(B,)``.
-        nfe: number of model evaluations of each sample's solve (each a call with batch size 1), int64 ``(B,)``;
-            the total number of model calls is ``nfe.sum()``.
-        z: the latent ``x(T)`` each sample reached, shape and dtype of the (dequantized) input.
+        nfe: number of model evaluations of each sample's solve, int64 ``(B,)``; the model is called on all the
+            samples still running at once, so the number of calls is ``nfe.max()``.
+        z: the latent ``x(T)`` each sample reached, shape and compute dtype of the (dequantized) input, on the model's
+            device.
     """
 
     nll: torch.Tensor

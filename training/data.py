@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdekit.cli.files import image_column
+
 __all__ = [
     "EMBEDDED_DATASET",
     "BadImageError",
@@ -174,15 +176,13 @@ class TrainingImages(torch.utils.data.Dataset):
 
 
 def _image_column(dataset: datasets.Dataset) -> str:
-    for name, feature in dataset.features.items():
-        if isinstance(feature, datasets.Image):
-            return name
-    for name in ("image", "img"):
-        if name in dataset.column_names:
-            return name
-    raise ValueError(
-        f"no image column found among {dataset.column_names}; pass --image_column with the column that holds images."
-    )
+    column = image_column(dataset)
+    if column is None:
+        raise ValueError(
+            f"no image column found among {dataset.column_names}; pass --image_column with the column that holds "
+            "images."
+        )
+    return column
 
 
 def load_images(

@@ -30,6 +30,7 @@ from diffusers.utils import logging as diffusers_logging
 
 import sdekit
 from sdekit.progress import progress_mode
+from sdekit.sharding import sample_generators
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -87,7 +88,7 @@ def inpainting_grid(pipe: DiffusionPipeline, heldout: torch.Tensor, path: Path, 
     mask[..., images.shape[-1] // 2 :] = 0  # 1 where known: the left half
     scheduler = sdekit.load_scheduler(INPAINT_RUN.sampler, pipe.scheduler.config, **INPAINT_RUN.options)
     report(f"demo: inpainting the right half of {count} held-out digits with {INPAINT_RUN.label}")
-    generator = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(count)]
+    generator = sample_generators(seed, range(count))  # digit i's noise from (seed, i), as the CLI seeds it
     with torch.no_grad():
         filled = sdekit.inpaint(
             pipe.unet, scheduler, images, mask, num_inference_steps=INPAINT_RUN.steps, generator=generator

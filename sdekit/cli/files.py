@@ -27,6 +27,7 @@ __all__ = [
     "LATENT_FILES",
     "Data",
     "check_output",
+    "image_column",
     "image_grid",
     "read_data",
     "read_latents",
@@ -259,7 +260,9 @@ def _read_folder(
     return torch.stack([_open_image(path, shape, resize, f"image {path}") for path in files[:limit]])
 
 
-def _image_column(dataset: Any) -> str:
+def image_column(dataset: Any) -> str | None:
+    """The name of a ``datasets`` dataset's image column: the first feature of type ``datasets.Image``, else a
+    column named ``image`` or ``img``; ``None`` if there is none (the caller says what to pass instead)."""
     import datasets
 
     for name, feature in dataset.features.items():
@@ -268,7 +271,7 @@ def _image_column(dataset: Any) -> str:
     for name in ("image", "img"):
         if name in dataset.column_names:
             return name
-    raise UsageError(f"the dataset has no image column (columns: {', '.join(dataset.column_names)}).")
+    return None
 
 
 def _read_dataset(
@@ -293,7 +296,9 @@ def _read_dataset(
             f"cannot load dataset {source!r} (split {split!r}): {' '.join(str(err).split())}. sdekit reads Hub "
             "datasets from the local datasets cache; pass an image folder or a cached dataset name."
         ) from None
-    column = _image_column(loaded)
+    column = image_column(loaded)
+    if column is None:
+        raise UsageError(f"the dataset has no image column (columns: {', '.join(loaded.column_names)}).")
     if limit is not None:
         loaded = loaded.select(range(min(limit, len(loaded))))
     images = loaded[column]
