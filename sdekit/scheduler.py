@@ -14,7 +14,8 @@ lists the shared configuration (:data:`COMMON_CONFIG`) plus its own parameters i
 It may override :meth:`~SDEScheduler.spaced_times` / :meth:`~SDEScheduler.custom_times` (how ``set_timesteps``
 chooses the levels) and :meth:`~SDEScheduler.check_eta`, and uses the helpers :meth:`~SDEScheduler.kernel_coeffs`,
 :meth:`~SDEScheduler.x0_and_eps`, :meth:`~SDEScheduler.noise_like`, :meth:`~SDEScheduler.model_timesteps`,
-:meth:`~SDEScheduler.grid_times` and :meth:`~SDEScheduler.check_num_inference_steps`. A sampler that takes the
+:meth:`~SDEScheduler.grid_times`, :meth:`~SDEScheduler.grid_levels_and_end` and
+:meth:`~SDEScheduler.check_num_inference_steps`. A sampler that takes the
 time-grid option (:data:`GRID_PARAMETERS`: ``time_grid``, ``rho``) gets its levels on that grid (:mod:`sdekit.grids`).
 
 The base builds the SDE from the config, maps continuous time to the model's timestep units, keeps the step
@@ -463,6 +464,13 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
             return time_grid(self.sde, num_points, self.default_time_grid())
         c = self.config
         return time_grid(self.sde, num_points, c.time_grid or self.default_time_grid(), c.rho)
+
+    def grid_levels_and_end(self, num_levels: int) -> tuple[list[float], float]:
+        """``num_levels`` levels to evaluate on the configured time grid, and the grid point after the last one,
+        where the last step lands without a model evaluation (no level is spent where the sample is already at
+        the data end): :meth:`grid_times` of ``num_levels + 1`` points, split as ``(points[:-1], points[-1])``."""
+        points = self.grid_times(num_levels + 1)
+        return points[:-1], points[-1]
 
     @classmethod
     def takes_time_grid(cls) -> bool:

@@ -152,9 +152,8 @@ class PCScheduler(SDEScheduler):
         """The first ``num_inference_steps`` of ``num_inference_steps + 1`` points on ``time_grid`` from ``T`` to
         ``sampling_eps``; the last point is where the last step lands, never evaluated."""
         self.check_num_inference_steps(num_inference_steps)
-        points = self.grid_times(num_inference_steps + 1)
-        self._end = points[-1]
-        return points[:-1]
+        times, self._end = self.grid_levels_and_end(num_inference_steps)
+        return times
 
     def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
         """The levels given, all evaluated; the last step goes on to the data end."""

@@ -189,9 +189,9 @@ class DPMSolverScheduler(SDEScheduler):
         else:
             self._step_orders = singlestep_orders(num_inference_steps, self.config.solver_order, denoise)
             levels = len(self._step_orders)
-        points = self.grid_times(levels + 1)
-        self._end_time = None if denoise else points[-1]
-        return points[:-1]
+        times, end = self.grid_levels_and_end(levels)
+        self._end_time = None if denoise else end
+        return times
 
     def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
         """The levels given, each a step's start; without ``denoise_final`` the last one is where the ODE stops."""
