@@ -26,8 +26,7 @@ __all__ = [
     "ANCESTRAL_VARIANCES",
     "PREDICTORS",
     "AffineUpdate",
-    "ancestral_ve",
-    "ancestral_vp",
+    "ancestral",
     "euler_maruyama",
     "reverse_diffusion",
 ]
@@ -81,56 +80,55 @@ def euler_maruyama(sde: SDE, times: Sequence[float], dt: float | Sequence[float]
     return [AffineUpdate(1.0 - a * h, g**2 * h, g * math.sqrt(h)) for a, g, h in zip(drifts, diffusions, steps)]
 
 
-def ancestral_ve(sigmas: Sequence[float], next_sigmas: Sequence[float], variance: str) -> list[AffineUpdate]:
-    """SMLD ancestral sampling (score-SDE appendix F) from noise level ``sigma_i`` down to ``sigma_{i+1}``.
-
-    The mean of ``q(x_{i+1} | x_i, x_0)`` with the score standing in for ``x_0``, ``x + (sigma_i^2 - sigma_{i+1}^2)
-    s``, and a variance of either choice (the names of DDPM's two, Ho et al. 2020 section 3.2):
-
-    * ``beta_tilde``: the posterior's, ``sigma_{i+1}^2 (sigma_i^2 - sigma_{i+1}^2) / sigma_i^2`` (the paper's);
-    * ``beta``: the forward step's, ``sigma_i^2 - sigma_{i+1}^2`` (SMLD's chain, score-SDE eq. 45).
-
-    Args:
-        sigmas: the kernel std ``sigma_i`` at each level.
-        next_sigmas: ``sigma_{i+1}``, the std the step lands on (0 at the data end).
-        variance: ``beta_tilde`` or ``beta`` (:data:`ANCESTRAL_VARIANCES`).
-    """
-    updates = []
-    for sigma, sigma_next in zip(sigmas, next_sigmas):
-        gap = sigma**2 - sigma_next**2
-        var = gap * sigma_next**2 / sigma**2 if variance == "beta_tilde" else gap
-        updates.append(AffineUpdate(1.0, gap, math.sqrt(var)))
-    return updates
-
-
-def ancestral_vp(
+def ancestral(
     alphas: Sequence[float],
     sigmas: Sequence[float],
     next_alphas: Sequence[float],
     next_sigmas: Sequence[float],
     variance: str,
 ) -> list[AffineUpdate]:
-    """DDPM ancestral sampling (Ho et al. 2020, eq. 11 and section 3.2; score-SDE eq. 4) between two VP levels.
+    """Ancestral sampling between two levels of any linear-drift SDE: a draw from the Gaussian posterior
+    ``q(x_{i+1} | x_i, x_0)`` with the model's ``x_0`` estimate standing in for ``x_0``.
 
-    ``(x + b s) / sqrt(1 - b) + sqrt(v) z`` with the step's ``b = 1 - alpha_bar_i / alpha_bar_{i+1}`` (``1 - b =
-    alpha_i^2 / alpha_{i+1}^2`` in the kernel scales ``alpha = sqrt(alpha_bar)``) and ``v`` either
+    A linear SDE's kernels are Gaussian, ``x_t = alpha(t) x_0 + sigma(t) z``, and so is its transition from the
+    lower level to the higher one: ``x_i = k x_{i+1} + sqrt(v) z`` with ``k = alpha_i / alpha_{i+1}`` and
+    ``v = sigma_i^2 - k^2 sigma_{i+1}^2`` (the marginals' variances must add up). Its posterior (Kingma, Salimans,
+    Poole & Ho 2021, "Variational Diffusion Models", appendix A: ``q(z_s | z_t, x)``, in these names) has mean
+    ``(alpha_{i+1} v x_0 + k sigma_{i+1}^2 x_i) / sigma_i^2``; with Tweedie's ``x_0 = (x_i + sigma_i^2 s) /
+    alpha_i`` that is ``(x_i + v s) / k``. The variance is either
 
-    * ``beta_tilde``: the posterior variance ``b sigma_{i+1}^2 / sigma_i^2 = b (1 - alpha_bar_{i+1}) / (1 -
-      alpha_bar_i)`` (diffusers' ``DDPMScheduler`` default, ``variance_type="fixed_small"``), or
-    * ``beta``: ``b`` itself (``variance_type="fixed_large"``, score-SDE's choice).
+    * ``beta_tilde``: the posterior's own, ``v sigma_{i+1}^2 / sigma_i^2``, or
+    * ``beta``: the transition's, ``v``;
 
-    On a DDPM table with ``b`` the table's ``beta_i`` this is DDPM's step; with larger steps ``b`` is the step's
-    own (DDIM's generalisation, Song, Meng & Ermon 2021, eq. 16 with ``eta = 1``, for ``beta_tilde``).
+    the names of DDPM's two choices (Ho et al. 2020, section 3.2). The familiar samplers are special cases:
+
+    * VP (``v = b = 1 - alpha_bar_i / alpha_bar_{i+1}``, ``k = sqrt(1 - b)``): DDPM's step ``(x + b s) / sqrt(1 - b)
+      + sqrt(v') z``, ``v'`` the chosen variance (Ho et al. eq. 11; score-SDE eq. 4); ``beta_tilde`` is diffusers' ``DDPMScheduler`` default
+      (``variance_type="fixed_small"``), ``beta`` its ``fixed_large`` and score-SDE's choice. On a DDPM table it is
+      DDPM's step; with larger steps DDIM's ``eta = 1`` (Song, Meng & Ermon 2021, eq. 16).
+    * VE (``k = 1``, ``v = sigma_i^2 - sigma_{i+1}^2``): SMLD ancestral sampling, ``x + v s + sqrt(v') z``
+      (score-SDE appendix F).
+    * sub-VP and any other linear SDE whose noise-to-signal ratio ``sigma / alpha`` grows with ``t``: the same
+      posterior for its own kernel.
 
     Args:
         alphas, sigmas: the kernel scale and std at each level.
         next_alphas, next_sigmas: those of the level the step lands on (1 and 0 at the data end).
         variance: ``beta_tilde`` or ``beta`` (:data:`ANCESTRAL_VARIANCES`).
+
+    Raises:
+        ValueError: a step on which ``sigma / alpha`` does not fall (its transition would have a negative variance).
     """
     updates = []
     for alpha, sigma, alpha_next, sigma_next in zip(alphas, sigmas, next_alphas, next_sigmas):
-        keep = alpha / alpha_next  # sqrt(1 - b)
-        b = 1.0 - keep**2
-        var = b * sigma_next**2 / sigma**2 if variance == "beta_tilde" else b
-        updates.append(AffineUpdate(1.0 / keep, b / keep, math.sqrt(var)))
+        keep = alpha / alpha_next
+        gap = sigma**2 - (keep * sigma_next) ** 2
+        if gap < 0.0:
+            raise ValueError(
+                f"predictor='ancestral' needs sigma/alpha to fall from each level to the next; it rises from "
+                f"{sigma / alpha:.6g} to {sigma_next / alpha_next:.6g} here, so this SDE has no forward transition "
+                "between them. Use predictor='reverse_diffusion' or 'euler_maruyama'."
+            )
+        var = gap * sigma_next**2 / sigma**2 if variance == "beta_tilde" else gap
+        updates.append(AffineUpdate(1.0 / keep, gap / keep, math.sqrt(var)))
     return updates

@@ -17,8 +17,7 @@ from .predictors import (
     ANCESTRAL_VARIANCES,
     PREDICTORS,
     AffineUpdate,
-    ancestral_ve,
-    ancestral_vp,
+    ancestral,
     euler_maruyama,
     reverse_diffusion,
 )
@@ -66,16 +65,23 @@ class PCScheduler(SDEScheduler):
     ``ValueError`` from ``set_timesteps`` for others.
 
     Args:
-        predictor: ``reverse_diffusion`` (default; the reverse of the SDE's own discretization, score-SDE
-            eq. 46), ``euler_maruyama`` (the reverse SDE, eq. 6, by Euler-Maruyama), ``ancestral`` (SMLD ancestral
-            sampling for a variance-exploding SDE such as ``ve``, DDPM's for a variance-preserving one such as
-            ``vp``; appendix F and eq. 4) or ``none``.
+        predictor: ``ancestral`` (default; a draw from the Gaussian posterior between two levels of the SDE's own
+            kernel: DDPM's step for ``vp``, SMLD ancestral sampling for ``ve``, score-SDE eq. 4 and appendix F, and
+            the same posterior for sub-VP or any linear SDE; see :func:`sdekit_pc.predictors.ancestral`),
+            ``reverse_diffusion`` (the reverse of the SDE's own discretization, eq. 46), ``euler_maruyama`` (the
+            reverse SDE, eq. 6, by Euler-Maruyama) or ``none``. ``ancestral`` is the default because its step follows
+            the kernel's own transition at any step size, so it is DDPM on a DDPM checkpoint. The other two are
+            first-order in the step: on VP they scale the signal by ``2 - sqrt(1 - b)`` or ``1 + beta(t) dt / 2``
+            where the kernel's ``1 / sqrt(1 - b)`` is due, and on the digits model reverse diffusion is 10 times
+            DDPM's distance at 10 model calls (``docs/benchmarks.md``).
         corrector: ``langevin`` (default; step size from ``snr`` and the norms of the score and the noise,
             Algorithms 4 and 5, with ``alpha`` from the grid's actual step), ``ald`` (annealed Langevin dynamics,
             NCSN: step size ``2 alpha (snr sigma(t))^2``) or ``none``.
         corrector_steps: corrector steps per noise level, default 1 (``M`` in the paper; a ``ScoreSdeVeScheduler``
             config's ``correct_steps``).
-        snr: the corrector's signal-to-noise ratio ``r``, > 0; default 0.16 (the paper's value for VE SDEs).
+        snr: the corrector's signal-to-noise ratio ``r``, > 0; default 0.3. The paper tuned 0.16 for VE on
+            CIFAR-10 at 1000 levels; at 20-100 model calls 0.3 does better on the oracle for VP, sub-VP and VE and on
+            the digits model (``docs/benchmarks.md``), since with few levels each Langevin step has more to correct.
         denoise_final: the last evaluation returns the model's ``x_0`` estimate, without noise (the reference
             code's ``noise_removal``, taken to the data end); default True.
         norm: ``per_sample`` (default: the Langevin step size of a sample uses that sample's norms only, so a
@@ -111,10 +117,10 @@ class PCScheduler(SDEScheduler):
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
         check_finite: bool = False,
-        predictor: str = "reverse_diffusion",
+        predictor: str = "ancestral",
         corrector: str = "langevin",
         corrector_steps: int = 1,
-        snr: float = 0.16,
+        snr: float = 0.3,
         denoise_final: bool = True,
         norm: str = "per_sample",
         ancestral_variance: str = "beta_tilde",
@@ -128,19 +134,13 @@ class PCScheduler(SDEScheduler):
         if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
             raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}.")
         if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not math.isfinite(snr) or snr <= 0:
-            raise ValueError(f"snr must be a finite number > 0 (0.16 is the paper's value for VE), got {snr!r}.")
+            raise ValueError(f"snr must be a finite number > 0 (default 0.3; the paper's 0.16 for VE), got {snr!r}.")
         if predictor == "none" and self._num_corrections(corrector, corrector_steps) == 0:
             raise ValueError(
                 f"predictor='none' with corrector={corrector!r} and corrector_steps={corrector_steps} evaluates "
                 "nothing; choose a predictor, or a corrector with corrector_steps >= 1."
             )
         self.setup()
-        if predictor == "ancestral" and not (self.sde.is_variance_exploding() or self.sde.is_variance_preserving()):
-            raise ValueError(
-                f"predictor='ancestral' is SMLD's or DDPM's ancestral sampling, defined for a variance-exploding "
-                f"(x_t = x_0 + sigma z) or a variance-preserving kernel; sde={sde!r} ({type(self.sde).__name__}) has "
-                "neither. Use predictor='reverse_diffusion' or 'euler_maruyama'."
-            )
         self._evaluations: list[_Evaluation] = []
         self._end: float | None = None
 
@@ -176,9 +176,7 @@ class PCScheduler(SDEScheduler):
             return euler_maruyama(self.sde, times, steps)
         alphas, sigmas = zip(*coeffs)
         next_alphas, next_sigmas = zip(*ends)
-        if self.sde.is_variance_exploding():
-            return ancestral_ve(sigmas, next_sigmas, c.ancestral_variance)
-        return ancestral_vp(alphas, sigmas, next_alphas, next_sigmas, c.ancestral_variance)
+        return ancestral(alphas, sigmas, next_alphas, next_sigmas, c.ancestral_variance)
 
     def plan_evaluations(self, times: list[float]) -> list[float]:
         c = self.config
