@@ -26,10 +26,25 @@ import torch
 
 from .sde import SDE
 
-__all__ = ["TIME_GRIDS", "check_time_grid", "noise_to_signal", "time_grid", "time_of_noise_to_signal"]
+__all__ = [
+    "KARRAS_SPAN",
+    "TIME_GRIDS",
+    "check_time_grid",
+    "noise_span",
+    "noise_to_signal",
+    "time_grid",
+    "time_of_noise_to_signal",
+]
 
 TIME_GRIDS = ("uniform", "logsnr", "karras")
 """The grid names :func:`time_grid` takes."""
+
+KARRAS_SPAN = 80.0 / 0.002
+"""``s_max / s_min`` of the range Karras et al. (2022, table 1: ``sigma`` from 0.002 to 80) tuned ``rho = 7`` for.
+
+On a much wider range (sub-VP on a DDPM table, whose ``s`` at the data end is about VP's squared, spans ~1.6e6)
+a few-level ``karras`` grid leaves the middle noise levels bare; samplers compare :func:`noise_span` with this
+to choose their default grid."""
 
 _BISECTION_STEPS = 64  # halves [0, T] to below float64 resolution
 
@@ -51,6 +66,13 @@ def noise_to_signal(sde: SDE, t: float | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=torch.float64)
     alpha, sigma = sde.marginal_coeffs(t)
     return sigma / alpha
+
+
+def noise_span(sde: SDE) -> float:
+    """``s(T) / s(sampling_eps)``: how many-fold the noise-to-signal ratio falls over the SDE's sampling range
+    (``inf`` when it reaches 0 at ``sampling_eps``)."""
+    s_max, s_min = (float(v) for v in noise_to_signal(sde, torch.tensor([sde.T, sde.sampling_eps])))
+    return s_max / s_min if s_min > 0 else math.inf
 
 
 def _closed_form_inverse(sde: SDE, s: torch.Tensor) -> torch.Tensor | None:

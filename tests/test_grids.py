@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from diffusers.configuration_utils import register_to_config
 
 import sdekit
-from sdekit.grids import TIME_GRIDS, noise_to_signal, time_grid, time_of_noise_to_signal
+from sdekit.grids import KARRAS_SPAN, TIME_GRIDS, noise_span, noise_to_signal, time_grid, time_of_noise_to_signal
 from sdekit.scheduler import SDEScheduler, check_shared_parameters
 from sdekit_sdes import VESDE, VPSDE, SubVPSDE
 
@@ -159,6 +159,25 @@ class Plain(SDEScheduler):
         return sample, sample
 
 
+SPAN_DEFAULTS = (("vp", "karras"), ("ve", "karras"), ("subvp", "uniform"))
+
+
+def test_noise_span_against_its_closed_form_and_karras_range() -> None:
+    """``s(T) / s(eps)``: VP on the DDPM table ``sqrt((1 - abar) / abar)`` at both ends, its sub-VP ``(1 - abar) /
+    sqrt(abar)`` (about VP's squared), VE ``(sigma_max / sigma_min)^(T - eps)``; only sub-VP's lies beyond Karras
+    et al.'s 80 / 0.002."""
+    vp, subvp = (sdekit.get_sde(kind, **TABLE) for kind in ("vp", "subvp"))
+    abar = torch.cumprod(1 - torch.linspace(TABLE["beta_start"], TABLE["beta_end"], 1000, dtype=torch.float64), 0)
+    ends = abar[[-1, 0]]
+    vp_span = torch.sqrt((1 - ends) / ends)
+    subvp_span = (1 - ends) / torch.sqrt(ends)
+    assert noise_span(vp) == pytest.approx(float(vp_span[0] / vp_span[1]), rel=1e-6)
+    assert noise_span(subvp) == pytest.approx(float(subvp_span[0] / subvp_span[1]), rel=1e-6)
+    ve = sdekit.get_sde("ve", sigma_min=0.01, sigma_max=50.0)  # sigma(t) = sigma_min (sigma_max / sigma_min)^t
+    assert noise_span(ve) == pytest.approx(5000.0 ** (ve.T - ve.sampling_eps), rel=1e-9)
+    assert noise_span(vp) < KARRAS_SPAN == 4e4 < noise_span(subvp)
+
+
 def test_samplers_lay_their_levels_on_the_grid_and_keep_custom_timesteps() -> None:
     config = DDPMScheduler(**TABLE).config
     for name, grid in (("pc", "karras"), ("pf-ode", "logsnr"), ("pc", "uniform")):
@@ -169,14 +188,15 @@ def test_samplers_lay_their_levels_on_the_grid_and_keep_custom_timesteps() -> No
         assert scheduler.eval_times == time_grid(scheduler.sde, 9, grid, rho=3.0)[:-1]
         scheduler.set_timesteps(timesteps=[900, 500, 100])
         assert scheduler.timesteps.tolist() == [900, 500, 100]
-    # pc's default is the uniform grid; pf-ode's (time_grid=None) is its solver's: uniform for Heun, Karras's for the
-    # one-evaluation solvers.
+    # pc's default is the uniform grid; pf-ode's (time_grid=None) is Karras's where the SDE's noise range is within
+    # the one Karras et al. tuned rho = 7 for (VP on the DDPM table, VE), uniform beyond it (sub-VP on the table).
     assert (
         sdekit.load_scheduler("pc").config.time_grid is None
         and sdekit.load_scheduler("pc").default_time_grid() == "uniform"
     )
-    for solver, grid in (("heun", "uniform"), ("ab2", "karras"), ("euler", "karras")):
-        scheduler = sdekit.load_scheduler("pf-ode", config, solver=solver)
+    cases = [(solver, sde, grid) for solver in ("heun", "ab2", "euler") for sde, grid in SPAN_DEFAULTS]
+    for solver, sde, grid in cases:
+        scheduler = sdekit.load_scheduler("pf-ode", config, solver=solver, sde=sde)
         assert scheduler.config.time_grid is None and scheduler.default_time_grid() == grid
         scheduler.set_timesteps(6)
         assert scheduler.eval_times[:: scheduler.order] == time_grid(scheduler.sde, 7, grid)[:-1]
