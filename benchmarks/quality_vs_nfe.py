@@ -106,17 +106,15 @@ def oracles(mix: GaussianMixture) -> dict[str, MixtureScoreModel]:
 
 
 def pc_rows(kind: str, grid: str | None, langevin: bool, config: Any = DDPM_CONFIG) -> list[Row]:
-    """Every pc predictor on SDE ``kind`` (ancestral only where it is defined), with or without Langevin, on
+    """Every pc predictor on SDE ``kind``, with or without Langevin, on
     ``grid`` (``None``: pc's default, named in the label), built from ``config``."""
     rows = []
     for name, options in PC_CONFIGS.items():
-        if name == "ancestral" and kind == "subvp":
-            continue
         corrector = "langevin" if langevin else "none"
         settings = {**sde_setups()[kind], **options, "corrector": corrector}
         if grid is not None:
             settings["time_grid"] = grid
-        shown = f" {grid}" if grid else f" ({sdekit.load_scheduler('pc').default_time_grid()})"
+        shown = f" {grid}" if grid else f" ({sdekit.load_scheduler('pc', config, **settings).default_time_grid()})"
         label = f"pc {name}{'+langevin' if langevin else ''} {kind}{shown}"
         evals = (lambda s: 2 * s) if langevin else (lambda s: s)
         rows.append(Row(label, _loader("pc", settings, config), evals, kind, "diffusers DDPM"))
@@ -133,10 +131,17 @@ def pf_ode_rows(
         if grid is not None:
             settings["time_grid"] = grid
         evals = (lambda s: 2 * s - 1) if solver == "heun" else (lambda s: s)
-        shown = grid or sdekit.load_scheduler("pf-ode", solver=solver).default_time_grid()
+        shown = grid or sdekit.load_scheduler("pf-ode", config, **settings).default_time_grid()
         label = f"pf-ode {solver} {kind}" + (f" {grid}" if grid else f" ({shown})")
         rows.append(Row(label, _loader("pf-ode", settings, config), evals, kind, SOLVER_PEERS[solver]))
     return rows
+
+
+def other_grid(kind: str, config: Any = DDPM_CONFIG) -> str:
+    """The grid pf-ode Heun does not take by default on SDE ``kind``: ``uniform`` where its default is ``karras``,
+    else ``karras`` (the main table's comparison row)."""
+    default = sdekit.load_scheduler("pf-ode", config, **sde_setups()[kind]).default_time_grid()
+    return "uniform" if default == "karras" else "karras"
 
 
 class PreviousLayout:
@@ -286,12 +291,20 @@ def oracle_benchmark(args: argparse.Namespace) -> None:
             *pc_rows(kind, None, False),
             *pc_rows(kind, None, True),
             *pf_ode_rows(kind, None),
-            *pf_ode_rows(kind, "karras", ("heun",)),
+            *pf_ode_rows(kind, other_grid(kind), ("heun",)),
             *dpm_solver_rows(kind),
         ]
     ]
-    previous = Row("pf-ode heun vp, previous layout", PreviousLayout, lambda s: 2 * s - 1, "vp", "diffusers Heun")
-    main_rows.insert(main_rows.index(next(r for r in main_rows if r.label.startswith("pc rd subvp"))), previous)
+    # pf-ode Heun as it was, on VP and sub-VP (on VE its t = 0 level has sigma = 0, which pf-ode refuses).
+    for kind, before in (("vp", "pc rd subvp"), ("subvp", "pc rd ve")):
+        previous = Row(
+            f"pf-ode heun {kind}, previous layout",
+            lambda settings=sde_setups()[kind]: PreviousLayout(**settings),
+            lambda s: 2 * s - 1,
+            kind,
+            "diffusers Heun",
+        )
+        main_rows.insert(main_rows.index(next(r for r in main_rows if r.label.startswith(before))), previous)
     main_rows = keep(main_rows)
     results.update(measure(main_rows, models, mix, budgets, n))
     print_table("Main table: each sampler on its default time_grid", peers, results, budgets, False)
@@ -322,7 +335,7 @@ def digits_benchmark(args: argparse.Namespace) -> None:
         *pc_rows("vp", None, False, config),
         *pc_rows("vp", None, True, config),
         *pf_ode_rows("vp", None, ("heun", "ab2"), config),
-        *pf_ode_rows("vp", "karras", ("heun",), config),
+        *pf_ode_rows("vp", "uniform", ("heun",), config),
     ]
     study = []
     if args.grid_study:
@@ -336,7 +349,7 @@ def digits_benchmark(args: argparse.Namespace) -> None:
             ]
         ]
         study.sort(key=lambda row: row.label.rsplit(" ", 1)[0])
-    unique = {row.label: row for row in [*peers, *main_rows, *study]}  # heun karras is in both tables
+    unique = {row.label: row for row in [*peers, *main_rows, *study]}  # heun uniform is in both tables
     rows = [row for row in unique.values() if _selected(row, args.only)]
     floor = data_floor(training, heldout, args.seed)
     print(

@@ -68,7 +68,7 @@ def _floor(mixture: GaussianMixture) -> float:
 @pytest.mark.parametrize("solver", ["euler", "heun", "ab2"])
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_frechet_distance_falls_as_steps_grow(setup: str, solver: str, mixture_2d: GaussianMixture) -> None:
-    """On each solver's default grid (uniform for Heun, Karras's for the others)."""
+    """On each solver's default grid (Karras's for VP and VE, uniform for sub-VP, whose noise range is wider)."""
     scheduler, oracle = _scheduler_and_oracle(SETUPS[setup], mixture_2d, solver=solver)
     x_T = _prior(scheduler, CHUNKS * CHUNK, seed=1)
     fds = [_chunked_fd(mixture_2d, _run(scheduler, oracle, x_T, steps)) for steps in (3, 10, 20)]

@@ -102,10 +102,11 @@ def ancestral(
 
     the names of DDPM's two choices (Ho et al. 2020, section 3.2). The familiar samplers are special cases:
 
-    * VP (``v = b = 1 - alpha_bar_i / alpha_bar_{i+1}``, ``k = sqrt(1 - b)``): DDPM's step ``(x + b s) / sqrt(1 - b)
-      + sqrt(v') z``, ``v'`` the chosen variance (Ho et al. eq. 11; score-SDE eq. 4); ``beta_tilde`` is diffusers' ``DDPMScheduler`` default
-      (``variance_type="fixed_small"``), ``beta`` its ``fixed_large`` and score-SDE's choice. On a DDPM table it is
-      DDPM's step; with larger steps DDIM's ``eta = 1`` (Song, Meng & Ermon 2021, eq. 16).
+    * VP (``v = b = 1 - alpha_bar_i / alpha_bar_{i+1}``, ``k = sqrt(1 - b)``): DDPM's step
+      ``(x + b s) / sqrt(1 - b) + sqrt(v') z``, ``v'`` the chosen variance (Ho et al. eq. 11; score-SDE eq. 4).
+      ``beta_tilde`` is diffusers' ``DDPMScheduler`` default (``variance_type="fixed_small"``), ``beta`` its
+      ``fixed_large`` and score-SDE's choice. On a DDPM table it is DDPM's step; with larger steps DDIM's
+      ``eta = 1`` (Song, Meng & Ermon 2021, eq. 16).
     * VE (``k = 1``, ``v = sigma_i^2 - sigma_{i+1}^2``): SMLD ancestral sampling, ``x + v s + sqrt(v') z``
       (score-SDE appendix F).
     * sub-VP and any other linear SDE whose noise-to-signal ratio ``sigma / alpha`` grows with ``t``: the same
