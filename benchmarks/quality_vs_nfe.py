@@ -106,8 +106,8 @@ def oracles(mix: GaussianMixture) -> dict[str, MixtureScoreModel]:
 
 
 def pc_rows(kind: str, grid: str | None, langevin: bool, config: Any = DDPM_CONFIG) -> list[Row]:
-    """Every pc predictor on SDE ``kind``, with or without Langevin, on
-    ``grid`` (``None``: pc's default, named in the label), built from ``config``."""
+    """Every pc predictor on SDE ``kind``, with or without Langevin, on ``grid`` (``None``: pc's default, named
+    in the label), built from ``config``."""
     rows = []
     for name, options in PC_CONFIGS.items():
         corrector = "langevin" if langevin else "none"
