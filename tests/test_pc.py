@@ -204,8 +204,12 @@ def test_ancestral_step_is_the_exact_posterior_for_every_sde(kind: str) -> None:
     """With data at one point ``m`` the score is exact and Tweedie's ``x_0`` is ``m`` itself, so a step drawn from
     the posterior ``q(x_{i+1} | x_i, x_0)`` (``beta_tilde``) carries the exact marginal ``N(alpha_i m, sigma_i^2)``
     to the exact marginal one level down, for VP, sub-VP and VE alike. Checked in closed form (the step is affine
-    and the marginals Gaussian), over a coarse grid whose steps are far from one training step; the forward
-    step's variance (``beta``) adds too much noise, so the check can fail."""
+    and the marginals Gaussian), over a coarse grid whose steps are far from one training step.
+
+    Keeping the marginals does not single the posterior out (DDIM's steps keep them too), so the step's weight on
+    ``x_i`` is checked against the posterior's own, ``k sigma_{i+1}^2 / sigma_i^2`` with ``k = alpha_i /
+    alpha_{i+1}``, for both variances (they share the mean). The forward step's variance (``beta``) adds too much
+    noise, so the marginal check can fail."""
     scheduler = PCScheduler(sde=kind, predictor="ancestral", corrector="none")
     times = [scheduler.sde.T, 0.7, 0.4, 0.15, 0.05]
     alphas, sigmas = (c.tolist() for c in scheduler.sde.marginal_coeffs(torch.tensor(times, dtype=torch.float64)))
@@ -216,6 +220,7 @@ def test_ancestral_step_is_the_exact_posterior_for_every_sde(kind: str) -> None:
         for update, alpha, sigma, alpha_next, sigma_next in zip(updates, alphas, sigmas, alphas[1:], sigmas[1:]):
             # x -> c_x x + c_s s(x) + c_z z with s(x) = -(x - alpha m) / sigma^2.
             slope = update.sample_coeff - update.score_coeff / sigma**2
+            assert slope == pytest.approx((alpha / alpha_next) * sigma_next**2 / sigma**2, rel=1e-12)
             mean = slope * mean + update.score_coeff * alpha * m / sigma**2
             var = slope**2 * var + update.noise_coeff**2
             assert mean == pytest.approx(alpha_next * m, rel=1e-12)
@@ -227,7 +232,7 @@ def test_ancestral_step_is_the_exact_posterior_for_every_sde(kind: str) -> None:
 
 def test_ancestral_refuses_a_step_on_which_the_noise_rises() -> None:
     """A step whose noise-to-signal ratio goes up has no forward transition: a clear error, not a NaN."""
-    with pytest.raises(ValueError, match="needs sigma/alpha to fall from each level to the next"):
+    with pytest.raises(ValueError, match="needs sigma/alpha not to rise from one level to the next"):
         ancestral([0.9], [0.3], [0.8], [0.6], "beta_tilde")
 
 

@@ -118,7 +118,7 @@ def ancestral(
         variance: ``beta_tilde`` or ``beta`` (:data:`ANCESTRAL_VARIANCES`).
 
     Raises:
-        ValueError: a step on which ``sigma / alpha`` does not fall (its transition would have a negative variance).
+        ValueError: a step on which ``sigma / alpha`` rises (its transition would have a negative variance).
     """
     updates = []
     for alpha, sigma, alpha_next, sigma_next in zip(alphas, sigmas, next_alphas, next_sigmas):
@@ -126,8 +126,8 @@ def ancestral(
         gap = sigma**2 - (keep * sigma_next) ** 2
         if gap < 0.0:
             raise ValueError(
-                f"predictor='ancestral' needs sigma/alpha to fall from each level to the next; it rises from "
-                f"{sigma / alpha:.6g} to {sigma_next / alpha_next:.6g} here, so this SDE has no forward transition "
+                f"predictor='ancestral' needs sigma/alpha not to rise from one level to the next; it rises from "
+                f"{sigma / alpha:.10g} to {sigma_next / alpha_next:.10g} here, so this SDE has no forward transition "
                 "between them. Use predictor='reverse_diffusion' or 'euler_maruyama'."
             )
         var = gap * sigma_next**2 / sigma**2 if variance == "beta_tilde" else gap

@@ -80,8 +80,9 @@ class PCScheduler(SDEScheduler):
         corrector_steps: corrector steps per noise level, default 1 (``M`` in the paper; a ``ScoreSdeVeScheduler``
             config's ``correct_steps``).
         snr: the corrector's signal-to-noise ratio ``r``, > 0; default 0.3. The paper tuned 0.16 for VE on
-            CIFAR-10 at 1000 levels; at 20-100 model calls 0.3 does better on the oracle for VP, sub-VP and VE and on
-            the digits model (``docs/benchmarks.md``), since with few levels each Langevin step has more to correct.
+            CIFAR-10 at 1000 levels. With few levels each Langevin step has more to correct: 0.3 keeps PC within
+            2x of the predictor alone at 20 calls on the oracle for VP, sub-VP and VE (0.16 does not on VP and VE)
+            and does better on the digits model; VE at 50-100 calls pays for it (``docs/samplers/pc.md``).
         denoise_final: the last evaluation returns the model's ``x_0`` estimate, without noise (the reference
             code's ``noise_removal``, taken to the data end); default True.
         norm: ``per_sample`` (default: the Langevin step size of a sample uses that sample's norms only, so a
