@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -106,6 +107,27 @@ def launch_two_processes(script: Path) -> list[str]:
         accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
     ]  # fmt: skip
+
+
+
+def run_process_tree(command: list[str], *, timeout: float, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(command, capture_output=True, text=True)`` for a command that starts processes of its own
+    (``accelerate launch``), started as its own process group.
+
+    On ``timeout`` the whole group is killed and ``pytest.fail`` shows the tail of its output. ``subprocess.run``
+    would kill only the launcher and then wait for its pipes, which a surviving worker keeps open: a worker hung
+    at exit would hang the suite instead of failing one test.
+    """
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(command[:3])} ... did not finish in {timeout:.0f} s; stderr ends:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 TESTS = Path(__file__).parent

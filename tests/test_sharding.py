@@ -26,7 +26,7 @@ from sdekit.sharding import (
     split_batches,
 )
 
-from conftest import launch_two_processes, tiny_unet
+from conftest import launch_two_processes, run_process_tree, tiny_unet
 
 ONE_PROCESS = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True)
 
@@ -97,7 +97,7 @@ def _launch_two(flags: list[str]) -> subprocess.CompletedProcess[str]:
     command.insert(-1, "-m")
     # One thread per process, as the in-process runs of this suite use (conftest.py), so that both compute alike.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SDEKIT_PROGRESS": "lines"}
-    return subprocess.run([*command, *flags], capture_output=True, text=True, timeout=300, env=env, check=False)
+    return run_process_tree([*command, *flags], timeout=300, env=env)
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
@@ -170,7 +170,7 @@ def test_a_failure_on_one_process_stops_both(tmp_path: Path) -> None:
     script.write_text(FAILING_SCRIPT)
     command = [*launch_two_processes(script), str(Path(sdekit.sharding.__file__)), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    run = run_process_tree(command, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     outcomes = [(tmp_path / f"process-{rank}.txt").read_text() for rank in range(2)]
     assert outcomes == [

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -578,7 +579,10 @@ def _train(args: argparse.Namespace, accelerator: Accelerator, command: str, cla
             scheduler,
             command,
         )
-    except Interrupted:
+    except Interrupted as stop:
+        # The traceback's frames hold the prepared model; let it go before the process group (see end_run).
+        traceback.clear_frames(stop.__traceback__)
+        del unet, optimizer, loader, lr_scheduler
         end_run(accelerator, folder, args)
         raise
 
@@ -596,12 +600,21 @@ def _train(args: argparse.Namespace, accelerator: Accelerator, command: str, cla
         except OutputFolderError as err:
             raise UsageError(f"{err} The trained model is in {find_checkpoint(folder, 'latest')}.") from err
         finish(accelerator, unet, ema, scheduler, args, folder, source)
+    del unet, optimizer, loader, lr_scheduler  # before the process group goes (see end_run)
     end_run(accelerator, folder, args)
     return output_dir
 
 
 def end_run(accelerator: Accelerator, folder: RunFolder, args: argparse.Namespace) -> None:
-    """Close the trackers (flushing their files) and the process group; record the log folder's files."""
+    """Close the trackers (flushing their files) and the process group; record the log folder's files.
+
+    The caller drops its own references to the prepared model first, and accelerate's go here, so that the
+    process group's last reference is the one ``destroy_process_group`` releases, which torch does without the
+    GIL. Otherwise a multi-process (DDP) model's reducer keeps the Gloo group alive until the model is freed with
+    the GIL held, and the group's destructor then waits for worker threads that need the GIL: a two-process run
+    was seen to hang at exit that way (pytorch/pytorch#56297).
+    """
+    accelerator.free_memory()  # accelerate's references to the prepared model, optimizer and loader; gc.collect()
     accelerator.end_training()
     if accelerator.is_main_process:
         record_logs(folder, args)
