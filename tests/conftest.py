@@ -109,7 +109,6 @@ def launch_two_processes(script: Path) -> list[str]:
     ]  # fmt: skip
 
 
-
 def run_process_tree(command: list[str], *, timeout: float, **kwargs: object) -> subprocess.CompletedProcess[str]:
     """``subprocess.run(command, capture_output=True, text=True)`` for a command that starts processes of its own
     (``accelerate launch``), started as its own process group.
