@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "Command",
     "UsageError",
+    "add_data_options",
     "add_model_options",
     "add_output_options",
     "add_run_options",
@@ -53,26 +54,25 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def positive_int(text: str) -> int:
-    """An ``argparse`` type: an integer >= 1."""
+def _int_at_least(text: str, lowest: int) -> int:
+    """``text`` as an integer >= ``lowest``, or the ``argparse`` error that says so."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        value = lowest - 1
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An ``argparse`` type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:
@@ -155,6 +155,20 @@ def add_model_options(parser: argparse.ArgumentParser, *, sampler: bool) -> None
         metavar="DEVICE",
         help="cpu, cuda, cuda:1, ...; default: the process's accelerate device (its own GPU under accelerate launch)",
     )
+
+
+def add_data_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The ``data`` group: ``--data`` (required), ``--split`` (default ``test``) and ``--num-samples N``, whose help
+    says the command will ``verb`` the first N items."""
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR_OR_DATASET",
+        help="an image folder, an .npz written by sdekit sample, a save_to_disk folder or a cached Hub dataset",
+    )
+    data.add_argument("--split", default="test", help="the split of a dataset (default test)")
+    data.add_argument("--num-samples", type=positive_int, metavar="N", help=f"{verb} the first N items (default all)")
 
 
 def add_run_options(parser: argparse.ArgumentParser, *, batch_size: int, seed: bool = True) -> None:

@@ -9,7 +9,7 @@ import torch
 from .. import registry
 from ..encoding import decode, encode
 from ..sharding import map_batches, share_size
-from .base import add_model_options, add_output_options, add_run_options, positive_float, positive_int
+from .base import add_data_options, add_model_options, add_output_options, add_run_options, positive_float, positive_int
 from .files import IMAGE_OUTPUTS, LATENT_FILES, check_output, read_data, read_latents, write_images, write_latents
 from .models import load_model
 from .processes import command_device, process_state, share_progress
@@ -46,15 +46,7 @@ def _add_solver_options(parser: argparse.ArgumentParser) -> None:
 def configure_encode(parser: argparse.ArgumentParser) -> None:
     """The options of ``sdekit encode``."""
     add_model_options(parser, sampler=False)
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        required=True,
-        metavar="DIR_OR_DATASET",
-        help="an image folder, an .npz written by sdekit sample, a save_to_disk folder or a cached Hub dataset",
-    )
-    data.add_argument("--split", default="test", help="the split of a dataset (default test)")
-    data.add_argument("--num-samples", type=positive_int, metavar="N", help="encode the first N items (default all)")
+    add_data_options(parser, "encode")
     _add_solver_options(parser)
     add_run_options(parser, batch_size=16, seed=False)
     add_output_options(parser, LATENT_FILES, "the latents, under the name 'latents'")

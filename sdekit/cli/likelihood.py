@@ -11,7 +11,7 @@ import torch
 from .. import registry
 from ..flow_likelihood import TRACE_METHODS, likelihood
 from ..sharding import map_batches, sample_generators, share_size
-from .base import add_model_options, add_output_options, add_run_options, positive_float, positive_int
+from .base import add_data_options, add_model_options, add_output_options, add_run_options, positive_float
 from .files import check_output, read_data, write_atomically
 from .models import load_model
 from .processes import command_device, process_state, share_progress
@@ -25,15 +25,7 @@ EXAMPLE = "sdekit likelihood --model out --data digits/ --num-samples 100"
 def configure(parser: argparse.ArgumentParser) -> None:
     """The options of ``sdekit likelihood``."""
     add_model_options(parser, sampler=False)
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        required=True,
-        metavar="DIR_OR_DATASET",
-        help="an image folder, an .npz written by sdekit sample, a save_to_disk folder or a cached Hub dataset",
-    )
-    data.add_argument("--split", default="test", help="the split of a dataset (default test)")
-    data.add_argument("--num-samples", type=positive_int, metavar="N", help="score the first N items (default all)")
+    add_data_options(parser, "score")
     parser.add_argument(
         "--trace",
         choices=TRACE_METHODS,
