@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
-from quality_vs_nfe import DDPM_CONFIG, mixture, oracles, run_loop, sde_setups
+from quality_vs_nfe import DDPM_CONFIG, oracles, run_loop, sde_setups
 
 import sdekit
-from sdekit.testing import mixture_frechet_distance, mixture_frechet_floor
+from sdekit.testing import benchmark_mixture, mixture_frechet_distance, mixture_frechet_floor
 
 Make = Callable[[Any], Any]
 """Builds a scheduler from a pipeline's scheduler config."""
@@ -86,7 +86,7 @@ def print_table(title: str, results: dict[str, list[float]], peers: dict[str, st
 
 def oracle_benchmark(args: argparse.Namespace) -> None:
     """Every row on the mixture oracle: diffusers' on VP, the plugin on VP, sub-VP and VE."""
-    mix = mixture()
+    mix = benchmark_mixture()
     models = oracles(mix)
     n = args.samples
     floor = mixture_frechet_floor(mix, n, n, generator=torch.Generator().manual_seed(0))

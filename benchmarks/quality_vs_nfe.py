@@ -45,7 +45,13 @@ from diffusers import (
 
 import sdekit
 from sdekit.grids import TIME_GRIDS
-from sdekit.testing import GaussianMixture, MixtureScoreModel, mixture_frechet_distance, mixture_frechet_floor
+from sdekit.testing import (
+    GaussianMixture,
+    MixtureScoreModel,
+    benchmark_mixture,
+    mixture_frechet_distance,
+    mixture_frechet_floor,
+)
 
 # The mixture reaches beyond [-1, 1], so no sampler may clip its x0 estimate (DDPMScheduler clips by default).
 DDPM_CONFIG = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False).config
@@ -75,15 +81,6 @@ class Row:
     evals: Callable[[int], int]
     kind: str = "vp"
     peer: str | None = None
-
-
-def mixture() -> GaussianMixture:
-    """Eight components in 16 dimensions (1 x 4 x 4 images) with unequal weights and scales."""
-    gen = torch.Generator().manual_seed(123)
-    means = torch.randn(8, 16, generator=gen) * 0.8
-    stds = torch.rand(8, 16, generator=gen) * 0.25 + 0.05
-    weights = torch.rand(8, generator=gen) + 0.5
-    return GaussianMixture(means, stds=stds, weights=weights, event_shape=(1, 4, 4))
 
 
 def sde_setups() -> dict[str, dict[str, Any]]:
@@ -256,7 +253,7 @@ def print_table(title: str, rows: Sequence[Row], results, budgets, with_ratio: b
 def oracle_benchmark(args: argparse.Namespace) -> None:
     """The grid study and the main table on the mixture oracle."""
     torch.set_num_threads(args.threads)
-    mix = mixture()
+    mix = benchmark_mixture()  # eight components in 16 dimensions (1 x 4 x 4 images)
     n = args.samples
     budgets = args.budgets
     # One Frechet distance of all n samples against the mixture's exact moments: no second sample set's noise,

@@ -12,7 +12,6 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -39,16 +38,6 @@ from sdekit_ddim import DDIMSDEScheduler
 from conftest import tiny_unet
 
 N = 1000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The oracle's tensors are tiny: intra-op threads only contend with other processes on a shared machine
-    (Gamma over 1000 levels took 1.7 s on one thread and 64 s on two while other tests ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _overlapping_mixture() -> GaussianMixture:

@@ -10,7 +10,7 @@ and VE (the same data, each SDE's exact score) pc's default predictor, with and 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ from diffusers import (
 )
 
 import sdekit
-from sdekit.testing import GaussianMixture, MixtureScoreModel, mixture_frechet_distance
+from sdekit.testing import MixtureScoreModel, benchmark_mixture, mixture_frechet_distance
 
 CONFIG = DDPMScheduler(clip_sample=False).config  # the mixture reaches beyond [-1, 1]
 SAMPLES = 4000
@@ -68,22 +68,9 @@ FACTORS_AT_20 = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def oracle() -> MixtureScoreModel:
-    gen = torch.Generator().manual_seed(123)
-    means = torch.randn(8, 16, generator=gen) * 0.8
-    stds = torch.rand(8, 16, generator=gen) * 0.25 + 0.05
-    weights = torch.rand(8, generator=gen) + 0.5
-    mixture = GaussianMixture(means, stds=stds, weights=weights, event_shape=(1, 4, 4))
-    return MixtureScoreModel(mixture, sdekit.get_sde("vp", num_train_timesteps=1000), "epsilon", "ddpm")
+    return MixtureScoreModel(benchmark_mixture(), sdekit.get_sde("vp", num_train_timesteps=1000), "epsilon", "ddpm")
 
 
 def _frechet(scheduler: object, oracle: MixtureScoreModel, steps: int) -> tuple[float, int]:

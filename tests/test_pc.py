@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import diffusers
 import pytest
@@ -65,15 +64,6 @@ def _sample(
         x = scheduler.step(model(x, t).sample, t, x, generator=generator).prev_sample
     assert model.num_calls - calls == len(scheduler.timesteps)
     return x
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The oracle's small tensor operations run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -14,13 +14,14 @@ from .metrics import (
     mixture_frechet_floor,
     sliced_wasserstein,
 )
-from .mixture import GaussianMixture
+from .mixture import GaussianMixture, benchmark_mixture
 from .oracle import MixtureScoreModel, epsilon_oracle, score_oracle
 
 __all__ = [
     "ConformanceReport",
     "GaussianMixture",
     "MixtureScoreModel",
+    "benchmark_mixture",
     "check_scheduler",
     "epsilon_oracle",
     "frechet_distance",

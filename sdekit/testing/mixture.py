@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "benchmark_mixture"]
 
 
 class GaussianMixture:
@@ -153,3 +153,18 @@ class GaussianMixture:
         if self._rot is not None:
             weighted = torch.einsum("kdj,bkj->bkd", self._rot.to(x.device), weighted)
         return (-weighted.sum(1)).reshape(x.shape).to(x.dtype)
+
+
+def benchmark_mixture() -> GaussianMixture:
+    """The data of ``benchmarks/quality_vs_nfe.py`` and of the few-step tests: eight components in 16 dimensions
+    (1 x 4 x 4 images), with unequal weights and per-dimension scales from 0.05 to 0.3, drawn from seed 123.
+
+    A plugin's sampler run on it (through :class:`~sdekit.testing.MixtureScoreModel`, 4000 samples,
+    :func:`~sdekit.testing.mixture_frechet_distance` with one chunk) is comparable with the tables in
+    ``docs/benchmarks.md``.
+    """
+    gen = torch.Generator().manual_seed(123)
+    means = torch.randn(8, 16, generator=gen) * 0.8
+    stds = torch.rand(8, 16, generator=gen) * 0.25 + 0.05
+    weights = torch.rand(8, generator=gen) + 0.5
+    return GaussianMixture(means, stds=stds, weights=weights, event_shape=(1, 4, 4))

@@ -11,7 +11,7 @@ import pytest
 import sdekit
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-from sdekit.testing import GaussianMixture, MixtureScoreModel, mixture_frechet_distance
+from sdekit.testing import GaussianMixture, MixtureScoreModel, benchmark_mixture, mixture_frechet_distance
 
 CONFIG = DDPMScheduler(clip_sample=False).config  # the benchmark's mixture reaches beyond [-1, 1]
 
@@ -91,12 +91,7 @@ SAMPLES = 4000
 def oracle() -> MixtureScoreModel:
     """The benchmark's oracle (benchmarks/quality_vs_nfe.py): an 8-component mixture in 16 dimensions, exact noise
     prediction on the DDPM linear table's timesteps."""
-    gen = torch.Generator().manual_seed(123)
-    means = torch.randn(8, 16, generator=gen) * 0.8
-    stds = torch.rand(8, 16, generator=gen) * 0.25 + 0.05
-    weights = torch.rand(8, generator=gen) + 0.5
-    mixture = GaussianMixture(means, stds=stds, weights=weights, event_shape=(1, 4, 4))
-    return MixtureScoreModel(mixture, sdekit.get_sde("vp", num_train_timesteps=1000), "epsilon", "ddpm")
+    return MixtureScoreModel(benchmark_mixture(), sdekit.get_sde("vp", num_train_timesteps=1000), "epsilon", "ddpm")
 
 
 def _frechet(scheduler, oracle: MixtureScoreModel, calls: int) -> float:
