@@ -3,8 +3,6 @@ checked against the exact component posterior of a Gaussian mixture."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from diffusers import DDPMScheduler, ScoreSdeVeScheduler
@@ -13,6 +11,8 @@ import sdekit
 from sdekit.parametrization import model_output_to
 from sdekit.testing import GaussianMixture, MixtureScoreModel
 from sdekit.testing.conditional import MixturePosteriorClassifier, class_mixture
+
+from conftest import oracle_scheduler
 
 NUM = 800  # samples per run: a rate of 0.99 has a standard error of 0.0035
 STEPS = 50
@@ -60,25 +60,6 @@ def test_the_guided_output_carries_the_exact_conditional_score(
         torch.testing.assert_close(score, expected, rtol=1e-6, atol=1e-6 / sigma)
 
 
-def _scheduler(name: str, mixture: GaussianMixture, **options: object):  # noqa: ANN202
-    scheduler = sdekit.load_scheduler(name, DDPMScheduler().config, **options)
-    if name == "analytic-dpm":
-        data = mixture.sample(400, torch.Generator().manual_seed(5)).clamp(-1, 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Monte Carlo Gamma a hair outside [0, 1] at level 0 is clipped
-            scheduler.estimate_gamma(
-                MixtureScoreModel(mixture, scheduler.sde),
-                data,
-                num_samples=400,
-                batch_size=400,
-                timesteps="trajectory",
-                num_inference_steps=STEPS,
-                estimator="error",
-                show_progress=False,
-            )
-    return scheduler
-
-
 @pytest.mark.parametrize(
     ("name", "options"),
     [
@@ -93,7 +74,7 @@ def _scheduler(name: str, mixture: GaussianMixture, **options: object):  # noqa:
 )
 def test_guided_samples_land_in_the_requested_component(name: str, options: dict) -> None:
     mixture = class_mixture()
-    scheduler = _scheduler(name, mixture, **options)
+    scheduler = oracle_scheduler(name, mixture, STEPS, **options)
     model = MixtureScoreModel(mixture, scheduler.sde)
     classifier = MixturePosteriorClassifier(mixture, scheduler.sde)
     labels = torch.arange(NUM) % 4  # as many of the rare class 3 (weight 0.1) as of the others

@@ -3,8 +3,6 @@ oracles: the known values come back exactly, the hidden ones land in the compone
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from diffusers import DDPMScheduler, ScoreSdeVeScheduler
@@ -21,35 +19,16 @@ from sdekit.testing.conditional import (
     masked_conditional,
 )
 
+from conftest import oracle_scheduler
+
 NUM = 600  # samples per run: a rate of 0.985 has a standard error of 0.005
 STEPS = 50
-
-
-def _scheduler(name: str, mixture, **options: object) -> SDEScheduler:  # noqa: ANN001
-    """A built-in sampler on DDPM's table; analytic-dpm with Gamma estimated at its 50 levels."""
-    scheduler = sdekit.load_scheduler(name, DDPMScheduler().config, **options)
-    if name == "analytic-dpm":
-        model = MixtureScoreModel(mixture, scheduler.sde)
-        data = mixture.sample(400, torch.Generator().manual_seed(5)).clamp(-1, 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Monte Carlo Gamma a hair outside [0, 1] at level 0 is clipped
-            scheduler.estimate_gamma(
-                model,
-                data,
-                num_samples=400,
-                batch_size=400,
-                timesteps="trajectory",
-                num_inference_steps=STEPS,
-                estimator="error",
-                show_progress=False,
-            )
-    return scheduler
 
 
 def _inpaint_rate(name: str, resample_steps: int, **options: object) -> tuple[float, torch.Tensor, torch.Tensor]:
     mixture, mask = half_mask_mixture()
     data = mixture.sample(NUM, torch.Generator().manual_seed(1))
-    scheduler = _scheduler(name, mixture, **options)
+    scheduler = oracle_scheduler(name, mixture, STEPS, **options)
     model = MixtureScoreModel(mixture, scheduler.sde)
     out = sdekit.inpaint(
         model,
