@@ -12,13 +12,18 @@ the same oracle. Prints
    each row to its peer at the same budget (pc -> DDPMScheduler, pf-ode heun -> HeunDiscreteScheduler, ab2 ->
    DPMSolverMultistepScheduler, euler -> EulerDiscreteScheduler; below 1 is better).
 
+``--snr-study`` prints instead the study pc's default ``snr`` is chosen from: each predictor on VP, sub-VP and VE
+with the Langevin corrector at several ``snr``, as a ratio to the same predictor alone at the same model calls.
+``--seeds S`` averages every number over S runs with different noise (seeds 1 to S; default 1).
+
 Frechet distance of all samples to the mixture's exact moments (lower is better), with the floor (its expected
 value for exact samples).
 
 **The digits model** (``--digits MODEL_DIR``): the same comparison on a trained pipeline folder, e.g. the one
 ``training/demo.py`` writes (``outputs/demo/model``), in pixel Frechet distance to the 297 held-out digits.
 
-    python benchmarks/quality_vs_nfe.py [--samples 4000] [--budgets 10 20 50 100] [--no-grid-study]
+    python benchmarks/quality_vs_nfe.py [--samples 4000] [--budgets 10 20 50 100] [--no-grid-study] [--seeds S]
+    python benchmarks/quality_vs_nfe.py --snr-study [--only "pc ancestral"] [--seeds S]
     python benchmarks/quality_vs_nfe.py --digits outputs/demo/model [--budgets 10 20 50]
 """
 
@@ -201,23 +206,69 @@ def steps_for(nfe: int, evals_per_level: Callable[[int], int], max_steps: int = 
     return max((s for s in range(1, max_steps + 1) if evals_per_level(s) <= nfe), default=1)
 
 
-def measure(rows: Sequence[Row], models: dict[str, MixtureScoreModel], mix: GaussianMixture, budgets, n):
-    """``{label: [(frechet, calls) per budget]}``; ``(nan, 0)`` where a sampler cannot run or returns NaN."""
+def measure(
+    rows: Sequence[Row], models: dict[str, MixtureScoreModel], mix: GaussianMixture, budgets, n, seeds: int = 1
+):
+    """``{label: [(frechet, calls) per budget]}``, the Frechet distance averaged over the runs seeded 1 to
+    ``seeds``; ``(nan, 0)`` where a sampler cannot run or returns NaN."""
     results: dict[str, list[tuple[float, int]]] = {}
     for row in rows:
         cells = []
         for budget in budgets:
             steps = steps_for(budget, row.evals)
+            distances = []
             try:
-                x, calls = run_loop(row.make(), models[row.kind], steps, n, seed=1)
+                for seed in range(1, seeds + 1):
+                    x, calls = run_loop(row.make(), models[row.kind], steps, n, seed=seed)
+                    distances.append(mixture_frechet_distance(x, mix, n) if torch.isfinite(x).all() else math.nan)
             except ValueError as err:  # e.g. a diffusers scheduler that cannot take this many steps
                 print(f"  ({row.label} at {budget} calls: {err})")
                 cells.append((math.nan, 0))
                 continue
-            fd = mixture_frechet_distance(x, mix, n) if torch.isfinite(x).all() else math.nan
-            cells.append((fd, calls))
+            cells.append((sum(distances) / len(distances), calls))
         results[row.label] = cells
     return results
+
+
+SNR_STUDY = (0.08, 0.16, 0.3, 0.5)
+"""The corrector ``snr`` values of ``--snr-study``."""
+
+
+def snr_rows(kind: str, config: Any = DDPM_CONFIG) -> list[Row]:
+    """Each pc predictor on SDE ``kind``, alone and with Langevin at each of :data:`SNR_STUDY`; a corrector row's
+    peer is its predictor alone."""
+    rows = []
+    for name, options in PC_CONFIGS.items():
+        alone = f"pc {name} {kind}"
+        settings = {**sde_setups()[kind], **options}
+        rows.append(Row(alone, _loader("pc", {**settings, "corrector": "none"}, config), lambda s: s, kind))
+        for snr in SNR_STUDY:
+            rows.append(
+                Row(
+                    f"pc {name}+langevin {kind} snr {snr}",
+                    _loader("pc", {**settings, "corrector": "langevin", "snr": snr}, config),
+                    lambda s: 2 * s,
+                    kind,
+                    alone,
+                )
+            )
+    return rows
+
+
+def snr_study(args: argparse.Namespace) -> None:
+    """PC with Langevin at several ``snr``, against the same predictor alone, on VP, sub-VP and VE."""
+    torch.set_num_threads(args.threads)
+    mix = benchmark_mixture()
+    models = oracles(mix)
+    rows = [row for kind in ("vp", "subvp", "ve") for row in snr_rows(kind) if _selected(row, args.only)]
+    print(
+        f"Frechet distance of {args.samples} samples (mean of {args.seeds} seeds) to the mixture's exact moments; "
+        "'/ peer': each corrector row over its predictor alone at the same model calls."
+    )
+    start = time.perf_counter()
+    results = measure(rows, models, mix, args.budgets, args.samples, args.seeds)
+    print_table("snr study (rows: predictor, SDE, corrector snr)", rows, results, args.budgets, True)
+    print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
 def _selected(row: Row, only: Sequence[str] | None) -> bool:
@@ -261,12 +312,13 @@ def oracle_benchmark(args: argparse.Namespace) -> None:
     floor = mixture_frechet_floor(mix, n, n, generator=torch.Generator().manual_seed(0))
     models = oracles(mix)
     print(
-        f"Frechet distance of {n} samples to the exact moments of a 16-d, 8-component mixture; floor (exact "
-        f"samples) {floor:.4f}. 'x @k': the sampler used k model calls, the most that fit the budget."
+        f"Frechet distance of {n} samples (mean of {args.seeds} seeds) to the exact moments of a 16-d, 8-component "
+        f"mixture; floor (exact samples) {floor:.4f}. 'x @k': the sampler used k model calls, the most that fit "
+        "the budget."
     )
     start = time.perf_counter()
     peers = peer_rows()
-    results = measure(peers, models, mix, budgets, n)
+    results = measure(peers, models, mix, budgets, n, args.seeds)
 
     def keep(rows: list[Row]) -> list[Row]:
         return [row for row in rows if _selected(row, args.only)]
@@ -278,7 +330,7 @@ def oracle_benchmark(args: argparse.Namespace) -> None:
             for row in [*pc_rows("vp", grid, False), *pc_rows("vp", grid, True), *pf_ode_rows("vp", grid)]
         ]
         study = keep(sorted(study, key=lambda row: row.label.rsplit(" ", 1)[0]))
-        results.update(measure(study, models, mix, budgets, n))
+        results.update(measure(study, models, mix, budgets, n, args.seeds))
         print_table("Grid study, VP on the DDPM table (rows: sampler, SDE, time_grid)", peers, results, budgets, False)
         print_table("", study, results, budgets, True)
     main_rows = [
@@ -303,7 +355,7 @@ def oracle_benchmark(args: argparse.Namespace) -> None:
         )
         main_rows.insert(main_rows.index(next(r for r in main_rows if r.label.startswith(before))), previous)
     main_rows = keep(main_rows)
-    results.update(measure(main_rows, models, mix, budgets, n))
+    results.update(measure(main_rows, models, mix, budgets, n, args.seeds))
     print_table("Main table: each sampler on its default time_grid", peers, results, budgets, False)
     print_table("", main_rows, results, budgets, True)
     print(f"\n({time.perf_counter() - start:.0f} s)")
@@ -383,16 +435,25 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", default=None, help="run only sdekit rows whose label contains one of these"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="digits: the seed of the sampling noise")
+    parser.add_argument("--seeds", type=int, default=1, help="oracle: average over the runs seeded 1 to SEEDS")
+    parser.add_argument("--snr-study", action="store_true", help="oracle: the corrector snr study instead")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.digits and (args.seeds != 1 or args.snr_study):
+        parser.error("--seeds and --snr-study run on the oracle; with --digits use --seed")
     args.samples_given = args.samples is not None
     if args.budgets is None:
         args.budgets = [10, 20, 50] if args.digits else [10, 20, 50, 100]
     if args.digits:
         digits_benchmark(args)
+        return
+    args.samples = args.samples or 4000
+    if args.snr_study:
+        snr_study(args)
     else:
-        args.samples = args.samples or 4000
         oracle_benchmark(args)
 
 
