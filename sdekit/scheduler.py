@@ -275,6 +275,12 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
     :func:`check_shared_parameters` holds the signature to it."""
     integer_timesteps = False
     """Whether ``timesteps`` are the model's integer training levels (DDPM-style samplers) on ``ddpm`` model time."""
+    lands_past_last_level = False
+    """Whether ``set_timesteps(n)`` evaluates the first ``n`` of ``n + 1`` grid points (:meth:`grid_levels_and_end`)
+    and keeps the last, where the last step lands without a model evaluation, as :attr:`grid_end`."""
+    grid_end: float | None = None
+    """With :attr:`lands_past_last_level`, the time the last step of ``set_timesteps(n)`` lands on; ``None`` before,
+    for a sampler without it, and for levels given as ``timesteps=``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -441,6 +447,9 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         """Continuous times of ``num_inference_steps`` levels from ``T`` to ``sampling_eps`` (both included), on the
         sampler's time grid (:meth:`grid_times`; evenly spaced in ``t`` for a sampler without the option)."""
         self.check_num_inference_steps(num_inference_steps)
+        if self.lands_past_last_level:
+            times, self.grid_end = self.grid_levels_and_end(num_inference_steps)
+            return times
         return self.grid_times(num_inference_steps)
 
     def check_num_inference_steps(self, num_inference_steps: int) -> None:
@@ -483,7 +492,9 @@ class SDEScheduler(SchedulerMixin, ConfigMixin, metaclass=abc.ABCMeta):
         return "uniform"
 
     def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
-        """Continuous times of user-given model timesteps, which must be strictly decreasing."""
+        """Continuous times of user-given model timesteps, which must be strictly decreasing (all evaluated:
+        :attr:`grid_end` becomes ``None``)."""
+        self.grid_end = None
         levels = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
         if levels.numel() < 1 or not bool(torch.all(levels[1:] < levels[:-1])):
             raise ValueError(f"timesteps must be a non-empty, strictly decreasing sequence; got {levels.tolist()}.")

@@ -186,8 +186,9 @@ def test_samplers_lay_their_levels_on_the_grid_and_keep_custom_timesteps() -> No
         scheduler.set_timesteps(8)
         # n levels of an (n + 1)-point grid: the last point, sampling_eps, is the data end and never evaluated.
         assert scheduler.eval_times == time_grid(scheduler.sde, 9, grid, rho=3.0)[:-1]
+        assert scheduler.grid_end == time_grid(scheduler.sde, 9, grid, rho=3.0)[-1]
         scheduler.set_timesteps(timesteps=[900, 500, 100])
-        assert scheduler.timesteps.tolist() == [900, 500, 100]
+        assert scheduler.timesteps.tolist() == [900, 500, 100] and scheduler.grid_end is None
     # pc's default is the uniform grid; pf-ode's (time_grid=None) is Karras's where the SDE's noise range is within
     # the one Karras et al. tuned rho = 7 for (VP on the DDPM table, VE), uniform beyond it (sub-VP on the table).
     assert (

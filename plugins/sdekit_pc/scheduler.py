@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,6 +99,8 @@ class PCScheduler(SDEScheduler):
             the shared configuration of :class:`sdekit.SDEScheduler`.
     """
 
+    lands_past_last_level = True  # n levels of an (n + 1)-point grid; the last step lands on grid_end
+
     @register_to_config
     def __init__(
         self,
@@ -143,23 +144,10 @@ class PCScheduler(SDEScheduler):
             )
         self.setup()
         self._evaluations: list[_Evaluation] = []
-        self._end: float | None = None
 
     @staticmethod
     def _num_corrections(corrector: str, corrector_steps: int) -> int:
         return 0 if corrector == "none" else corrector_steps
-
-    def spaced_times(self, num_inference_steps: int) -> list[float]:
-        """The first ``num_inference_steps`` of ``num_inference_steps + 1`` points on ``time_grid`` from ``T`` to
-        ``sampling_eps``; the last point is where the last step lands, never evaluated."""
-        self.check_num_inference_steps(num_inference_steps)
-        times, self._end = self.grid_levels_and_end(num_inference_steps)
-        return times
-
-    def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
-        """The levels given, all evaluated; the last step goes on to the data end."""
-        self._end = None
-        return super().custom_times(timesteps)
 
     def _data_end(self, t_last: float) -> float:
         """The time of the data end below ``t_last``: at least one training step down, and at most 0."""
@@ -186,9 +174,9 @@ class PCScheduler(SDEScheduler):
         coeffs = list(zip(alphas.tolist(), sigmas.tolist()))
         # Each level steps to the next one; the last to the grid's end (sampling_eps), or for levels given as
         # timesteps to the data end, where the kernel is (alpha, sigma) = (1, 0).
-        end = self._end if self._end is not None else self._data_end(times[-1])
+        end = self.grid_end if self.grid_end is not None else self._data_end(times[-1])
         steps = [t - t_next for t, t_next in zip(times, times[1:] + [end])]
-        ends = coeffs[1:] + [self.kernel_coeffs(end) if self._end is not None else (1.0, 0.0)]
+        ends = coeffs[1:] + [self.kernel_coeffs(end) if self.grid_end is not None else (1.0, 0.0)]
         if c.predictor != "none":
             updates = self._predictor_updates(times, steps, coeffs, ends)
         if corrections:

@@ -20,7 +20,6 @@ section III.1, with variable steps), one model call per step like DPM-Solver++(2
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -102,6 +101,8 @@ class ProbabilityFlowScheduler(SDEScheduler):
             ``HeunDiscreteScheduler``; ``use_clipped_model_output`` changes nothing further.
     """
 
+    lands_past_last_level = True  # n levels of an (n + 1)-point grid; the last step lands on grid_end
+
     @register_to_config
     def __init__(
         self,
@@ -137,7 +138,6 @@ class ProbabilityFlowScheduler(SDEScheduler):
         self._steps: list[tuple[float, ...]] = []
         self._start: tuple[torch.Tensor, torch.Tensor] | None = None
         self._previous_eps: torch.Tensor | None = None
-        self._end: float | None = None
 
     def default_time_grid(self) -> str:
         """``karras`` where the SDE's noise-to-signal range is no wider than the one Karras et al. tuned ``rho = 7``
@@ -152,25 +152,13 @@ class ProbabilityFlowScheduler(SDEScheduler):
         """
         return "karras" if noise_span(self.sde) <= KARRAS_SPAN else "uniform"
 
-    def spaced_times(self, num_inference_steps: int) -> list[float]:
-        """The first ``num_inference_steps`` of ``num_inference_steps + 1`` points on ``time_grid`` from ``T`` to
-        ``sampling_eps``; the last point is where the ODE stops without ``denoise_final``."""
-        self.check_num_inference_steps(num_inference_steps)
-        times, self._end = self.grid_levels_and_end(num_inference_steps)
-        return times
-
-    def custom_times(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
-        """The levels given, in order (see the class docstring for the last one)."""
-        self._end = None
-        return super().custom_times(timesteps)
-
     def plan_evaluations(self, times: list[float]) -> list[float]:
         """Lay out the evaluations for the levels ``times`` and precompute their coefficients."""
         solver = self.config.solver
         denoise = self.config.denoise_final
         # The points the ODE is integrated through, all with sigma > 0; with denoise_final a last Euler step goes
         # from the final one to s = 0.
-        nodes = list(times) if denoise or self._end is None else [*times, self._end]
+        nodes = list(times) if denoise or self.grid_end is None else [*times, self.grid_end]
         if len(nodes) < 2 and not denoise:
             raise ValueError(
                 f"timesteps of {len(times)} level leave no interval to integrate with denoise_final=False; give at "
